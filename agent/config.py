@@ -1,0 +1,257 @@
+"""The agent's YAML config: one schema, validated in one place at start.
+
+Each section is a frozen dataclass. Field metadata carries the help text and the
+limits, and `load_config` checks every key against them: an unknown key, a wrong
+type or a value out of range raises ConfigError naming the key path (for example
+`mqtt.port`), the bad value and what is expected. `facenet-agent check-config`
+runs the same check, so Ansible's `validate:` can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the key, the value and the fix."""
+
+
+def _option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    metadata = {"help": help, "low": low, "high": high, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: Path = _option(Path("/var/lib/facenet-agent/models"),
+                        "folder written by `facenet-agent models build`")
+    verify_sha256: bool = _option(True, "check every model file against manifest.json at load")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    name: str = _option("onnxruntime", "inference library", choices=("onnxruntime",))
+    threads: int = _option(0, "intra-op threads; 0 means one per core", low=0, high=256)
+    providers: list[str] = _option(["CPUExecutionProvider"],
+                                   "ONNX Runtime execution providers, in order of preference")
+    batch_size: int = _option(8, "faces per embedder batch", low=1, high=1024)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    uri: str = _option("", "a folder of images, a video file, a camera index such as 0, "
+                           "or an rtsp:// URL")
+    frame_step: int = _option(1, "process every Nth video frame", low=1, high=10_000)
+    max_frames: int = _option(0, "stop after this many frames; 0 means no limit", low=0)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    min_face_size: int = _option(20, "smallest face to find, in pixels", low=12, high=4096)
+    scale_factor: float = _option(0.709, "image pyramid step", low=0.1, high=0.95)
+    thresholds: list[float] = _option([0.6, 0.7, 0.8], "P-Net, R-Net and O-Net score thresholds")
+    max_input_side: int = _option(1280, "longer image side is capped at this many pixels "
+                                        "before detection", low=64, high=16384)
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    margin: float = _option(0.2, "extra border around the bbox, as a fraction of its size, "
+                                 "split evenly between both sides", low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    metric: str = _option("euclidean", "distance between L2-normalised embeddings",
+                          choices=("euclidean", "squared_euclidean"))
+    threshold: float = _option(1.1, "a face matches when its distance is below this",
+                               low=0.0, high=4.0)
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    path: Path = _option(Path("/var/lib/facenet-agent/gallery.db"), "SQLite gallery file")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path | None = _option(None, "CA certificate that signed the broker's certificate")
+    cert_file: Path | None = _option(None, "client certificate, for brokers that require one")
+    key_file: Path | None = _option(None, "private key of the client certificate")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = _option("localhost", "broker host name or address")
+    port: int = _option(1883, "broker TCP port", low=1, high=65535)
+    client_id: str = _option("", "MQTT client id; empty means facenet-agent-<device_id>")
+    topic_prefix: str = _option("facenet", "first level of every topic")
+    keepalive: int = _option(30, "seconds between keep-alive pings", low=5, high=3600)
+    username: str = _option("", "broker user name; empty for anonymous")
+    password_file: Path | None = _option(None, "file holding the broker password")
+    tls: TlsConfig | None = _option(None, "TLS settings; omit for plain TCP")
+    max_queued_messages: int = _option(10_000, "messages paho keeps while disconnected",
+                                       low=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    device_id: str = _option("", "unique id of this device, used in topics and the client id")
+    models: ModelsConfig = _option(None, "model files")
+    runtime: RuntimeConfig = _option(None, "inference runtime")
+    source: SourceConfig = _option(None, "where frames come from")
+    detection: DetectionConfig = _option(None, "MTCNN settings")
+    alignment: AlignmentConfig = _option(None, "face crop settings")
+    matching: MatchingConfig = _option(None, "identity matching")
+    gallery: GalleryConfig = _option(None, "enrolled identities")
+    mqtt: MqttConfig = _option(None, "broker connection")
+    log_level: str = _option("INFO", "logging level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"facenet-agent-{self.device_id}"
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the YAML config at `path`; raise ConfigError on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
+                          f"got {type(raw).__name__}")
+    config = parse_config(raw, source=str(path))
+    if not config.device_id:
+        raise ConfigError(f"{path}: device_id: missing; set a unique id such as 'gate-01'")
+    return config
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate an already parsed mapping; see `load_config`."""
+    config = typing.cast(Config, _build(Config, raw, prefix="", source=source))
+    _check_cross_field(config, source)
+    return config
+
+
+def _check_cross_field(config: Config, source: str) -> None:
+    thresholds = config.detection.thresholds
+    if len(thresholds) != 3 or not all(0.0 < t < 1.0 for t in thresholds):
+        raise ConfigError(
+            f"{source}: detection.thresholds: expected three scores between 0 and 1 "
+            f"(P-Net, R-Net, O-Net), got {thresholds!r}"
+        )
+    tls = config.mqtt.tls
+    if tls is not None and (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError(
+            f"{source}: mqtt.tls: cert_file and key_file must be set together, "
+            f"got cert_file={tls.cert_file} and key_file={tls.key_file}"
+        )
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping, got {raw!r}")
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: {prefix}{unknown[0]}: unknown key; valid keys here are "
+            f"{', '.join(sorted(fields))}"
+        )
+
+    values = {}
+    for name, spec in fields.items():
+        key = prefix + name
+        hint = hints[name]
+        if name not in raw:
+            if dataclasses.is_dataclass(hint):
+                values[name] = _build(typing.cast(type, hint), {}, key + ".", source)
+            continue
+        values[name] = _convert(hint, raw[name], key, spec.metadata, source)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, metadata: Any, source: str) -> Any:
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, key, metadata, source)
+
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, key + ".", source)
+
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            fail(f"a list of {item_type.__name__}")
+        return [_convert(item_type, item, f"{key}[{i}]", {}, source)
+                for i, item in enumerate(value)]
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        _check_range(value, key, metadata, source)
+        return value
+
+    if hint is float:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value):
+            fail("a finite number")
+        _check_range(value, key, metadata, source)
+        return float(value)
+
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # lets `uri: 0` name camera 0
+        if not isinstance(value, str):
+            fail("a string")
+        choices = metadata.get("choices")
+        if choices and value not in choices:
+            fail("one of " + ", ".join(choices))
+        return value
+
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            fail("a file path")
+        return Path(value)
+
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _check_range(value: float, key: str, metadata: Any, source: str) -> None:
+    low, high = metadata.get("low"), metadata.get("high")
+    if low is not None and value < low:
+        raise ConfigError(f"{source}: {key}: must be at least {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{source}: {key}: must be at most {high}, got {value!r}")

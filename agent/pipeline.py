@@ -1,0 +1,104 @@
+"""The recognition pipeline for one image: detect -> align -> embed -> match.
+
+`build_pipeline` loads the models named in the manifest on the configured
+runtime and warms them up; `Pipeline.recognize` is what the run loop and
+enrolment call for every image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.align import crop_face
+from agent.config import Config
+from agent.detect import Face, MtcnnDetector
+from agent.embed import Embedder
+from agent.gallery import Gallery, Match
+from agent.models.manifest import Manifest, load_manifest
+from agent.runtimes import OnnxRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recognition:
+    face: Face
+    embedding: np.ndarray  # unit length
+    match: Match
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, detector: MtcnnDetector, embedder: Embedder,
+                 gallery: Gallery, config: Config) -> None:
+        self.manifest = manifest
+        self.detector = detector
+        self.embedder = embedder
+        self.gallery = gallery
+        self.config = config
+
+    def embed_faces(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:
+        """Detect every face in an RGB image and return them with their embeddings."""
+        faces = self.detector.detect(image)
+        if not faces:
+            return [], np.empty((0, self.manifest.embedding_size), dtype=np.float32)
+
+        size = self.manifest.image_size
+        margin = self.config.alignment.margin
+        crops = np.stack([crop_face(image, face.bbox, margin, size) for face in faces])
+        return faces, self.embedder.embed(crops)
+
+    def recognize(self, image: np.ndarray) -> list[Recognition]:
+        """Detect, embed and match every face in an RGB image."""
+        faces, embeddings = self.embed_faces(image)
+        matching = self.config.matching
+        matches = self.gallery.match(embeddings, matching.threshold, matching.metric)
+        return [
+            Recognition(face, embedding, match)
+            for face, embedding, match in zip(faces, embeddings, matches, strict=True)
+        ]
+
+
+def build_pipeline(config: Config) -> Pipeline:
+    """Load and verify the models, open the gallery and warm the runtime up."""
+    manifest = load_manifest(config.models.dir, verify=config.models.verify_sha256)
+    runtime = OnnxRuntime(threads=config.runtime.threads,
+                          providers=tuple(config.runtime.providers))
+
+    detection = config.detection
+    detector = MtcnnDetector(
+        runtime.load(manifest.pnet.path),
+        runtime.load(manifest.rnet.path),
+        runtime.load(manifest.onet.path),
+        min_face_size=detection.min_face_size,
+        scale_factor=detection.scale_factor,
+        thresholds=tuple(detection.thresholds),
+        max_input_side=detection.max_input_side,
+    )
+    embedder = Embedder(
+        runtime.load(manifest.embedder.path),
+        output_name=manifest.embedder.outputs[0],
+        embedding_size=manifest.embedding_size,
+        batch_size=config.runtime.batch_size,
+    )
+    gallery = Gallery(config.gallery.path, manifest.model_id, manifest.embedding_size)
+
+    pipeline = Pipeline(manifest, detector, embedder, gallery, config)
+    _warm_up(pipeline)
+    log.info(
+        "pipeline ready: model %s, runtime %s (%s), batch size %d, gallery %s version %d "
+        "with %d identities",
+        manifest.model_id, config.runtime.name, embedder.session.provider,
+        config.runtime.batch_size, config.gallery.path, gallery.version, gallery.identity_count,
+    )
+    return pipeline
+
+
+def _warm_up(pipeline: Pipeline) -> None:
+    # The first run of each model allocates its buffers and picks kernels; doing
+    # it here keeps that cost out of the first real frame's latency.
+    size = pipeline.manifest.image_size
+    pipeline.detector.detect(np.zeros((120, 160, 3), dtype=np.uint8))
+    pipeline.embedder.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
