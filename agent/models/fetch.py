@@ -13,7 +13,6 @@ without network access.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +23,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.models.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,6 @@ def fetch_archive(source: Source, cache: Path) -> Path:
         )
     log.info("verified %s sha256=%s", archive.name, digest)
     return archive
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_download(source: Source, cache: Path) -> None:
