@@ -99,6 +99,11 @@ def build_pipeline(config: Config) -> Pipeline:
 def _warm_up(pipeline: Pipeline) -> None:
     # The first run of each model allocates its buffers and picks kernels; doing
     # it here keeps that cost out of the first real frame's latency.
+    # A blank frame stops the cascade after P-Net, so R-Net and O-Net get their
+    # own zero batches.
     size = pipeline.manifest.image_size
-    pipeline.detector.detect(np.zeros((120, 160, 3), dtype=np.uint8))
+    detector = pipeline.detector
+    detector.detect(np.zeros((120, 160, 3), dtype=np.uint8))
+    detector.rnet.run(np.zeros((1, 24, 24, 3), dtype=np.float32))
+    detector.onet.run(np.zeros((1, 48, 48, 3), dtype=np.float32))
     pipeline.embedder.embed(np.zeros((1, size, size, 3), dtype=np.uint8))

@@ -39,3 +39,8 @@ def model_dir(download_cache: Path) -> Path:
 
         build_models(directory, download_cache)
     return directory
+
+
+# The real-broker fixture lives in its own module; importing it here makes it
+# available to every test file.
+from tests.conftest_mqtt import mqtt_broker  # noqa: E402, F401
