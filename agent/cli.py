@@ -9,6 +9,9 @@ from pathlib import Path
 
 from agent import __version__
 from agent.config import ConfigError, load_config
+from agent.gallery import GalleryError
+from agent.models.manifest import ManifestError
+from agent.runtimes import RuntimeNotInstalledError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"facenet-agent: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except (ManifestError, GalleryError, RuntimeNotInstalledError) as exc:
+        # Startup problems an operator fixes by hand: one line, no traceback.
+        log.error("%s", exc)
+        print(f"facenet-agent: {exc}", file=sys.stderr)
         return 2
 
 
