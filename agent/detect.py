@@ -82,7 +82,7 @@ def build_pyramid(height: int, width: int, min_face_size: float, scale_factor: f
     # reference count would omit the scales for large faces.
     first_scale = PNET_CELL_SIZE / min_face_size
     min_side = min(height, width)
-    scales = []
+    scales: list[float] = []
     while True:
         # A power rather than a running product, so that the truncated sizes
         # match the float arithmetic of the reference.

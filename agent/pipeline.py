@@ -74,7 +74,7 @@ def build_pipeline(config: Config) -> Pipeline:
         runtime.load(manifest.onet.path),
         min_face_size=detection.min_face_size,
         scale_factor=detection.scale_factor,
-        thresholds=tuple(detection.thresholds),
+        thresholds=(detection.thresholds[0], detection.thresholds[1], detection.thresholds[2]),
         max_input_side=detection.max_input_side,
     )
     embedder = Embedder(

@@ -121,7 +121,10 @@ def _describe(directory: Path) -> Manifest:
         threshold=THRESHOLD,
         image_size=facenet_onnx.IMAGE_SIZE,
         mtcnn_normalization=dict(mtcnn_onnx.NORMALIZATION),
-        **files,
+        embedder=files["embedder"],
+        pnet=files["pnet"],
+        rnet=files["rnet"],
+        onet=files["onet"],
     )
 
 

@@ -147,7 +147,8 @@ class GraphBuilder:
         """Concatenate along channels (Keras axis 3 is NCHW axis 1)."""
         first = self.shapes[tensors[0]]
         channels = [self.shapes[t][1] for t in tensors]
-        total = sum(channels) if all(isinstance(c, int) for c in channels) else None
+        known = [c for c in channels if isinstance(c, int)]
+        total = sum(known) if len(known) == len(channels) else None
         return self._node("Concat", tensors, name, shape=(first[0], total, *first[2:]), axis=1)
 
     def scale_sum(self, x: str, residual: str, scale: float, name: str) -> str:
@@ -167,7 +168,8 @@ class GraphBuilder:
     def flatten(self, x: str, name: str) -> str:
         """Flatten every axis after the batch axis, in the tensor's current layout."""
         batch, *rest = self.shapes[x]
-        size = math.prod(rest) if all(isinstance(d, int) for d in rest) else None
+        known = [d for d in rest if isinstance(d, int)]
+        size = math.prod(known) if len(known) == len(rest) else None
         return self._node("Flatten", [x], name, shape=(batch, size), axis=1)
 
     def dense(self, x: str, kernel: np.ndarray, bias: np.ndarray | None, name: str) -> str:
@@ -190,28 +192,29 @@ class GraphBuilder:
         self, x: str, kernel: tuple[int, int], strides: tuple[int, int], padding: str
     ) -> tuple[dict[str, object], tuple[Dim, Dim]]:
         """Return pad attributes and the output (H, W) of a sliding-window layer."""
-        in_hw = self.shapes[x][2:]
-        if padding == "valid":
-            out_hw = tuple(
-                (size - k) // s + 1 if isinstance(size, int) else None
-                for size, k, s in zip(in_hw, kernel, strides, strict=True)
-            )
-            return {"pads": [0, 0, 0, 0]}, out_hw
-        if padding != "same":
+        in_hw = [size for size in self.shapes[x][2:] if isinstance(size, int)]
+        if padding not in ("valid", "same"):
             raise ValueError(f"unsupported padding {padding!r}: expected 'valid' or 'same'")
-        if not all(isinstance(size, int) for size in in_hw):
-            return {"auto_pad": "SAME_UPPER"}, (None, None)
+        if len(in_hw) != 2:
+            # Dynamic H or W (P-Net): the output size is unknown until run time.
+            return ({"pads": [0, 0, 0, 0]} if padding == "valid"
+                    else {"auto_pad": "SAME_UPPER"}), (None, None)
 
-        out_hw = tuple(
-            math.ceil(size / s) for size, s in zip(in_hw, strides, strict=True)
-        )
+        if padding == "valid":
+            height, width = (
+                (size - k) // s + 1 for size, k, s in zip(in_hw, kernel, strides, strict=True)
+            )
+            return {"pads": [0, 0, 0, 0]}, (height, width)
+
+        height, width = (math.ceil(size / s) for size, s in zip(in_hw, strides, strict=True))
         totals = [
             max((out - 1) * s + k - size, 0)
-            for out, s, k, size in zip(out_hw, strides, kernel, in_hw, strict=True)
+            for out, s, k, size in zip((height, width), strides, kernel, in_hw, strict=True)
         ]
         # TensorFlow 'SAME': the smaller half goes before, the odd pixel after.
         begins = [total // 2 for total in totals]
         ends = [total - begin for total, begin in zip(totals, begins, strict=True)]
+        out_hw = (height, width)
         return {"pads": begins + ends}, out_hw
 
     def _constant(self, array: np.ndarray, name: str) -> str:
