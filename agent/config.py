@@ -1,9 +1,9 @@
 """The agent's YAML config: one schema, validated in one place at start.
 
-Each section is a frozen dataclass. Field metadata carries the help text and the
-limits, and `load_config` checks every key against them: an unknown key, a wrong
-type or a value out of range raises ConfigError naming the key path (for example
-`mqtt.port`), the bad value and what is expected. `facenet-agent check-config`
+Each section is a frozen dataclass, and field metadata carries the help text and
+the limits. `load_config` checks every key against them. An unknown key, a wrong
+type or a value out of range raises ConfigError, which names the key path (for
+example `mqtt.port`), the bad value and what is expected. `facenet-agent check-config`
 runs the same check, so Ansible's `validate:` can use it.
 """
 

@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class EventContext:
-    """What every event from one agent run shares."""
+    """Fields shared by every event of one agent run."""
 
     device_id: str
     model_id: str

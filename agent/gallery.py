@@ -42,7 +42,7 @@ METRICS = ("euclidean", "squared_euclidean")
 
 
 class GalleryError(RuntimeError):
-    """The gallery file cannot be used with this model; the message says why."""
+    """The gallery file cannot be used with this model; the message gives the reason."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Gallery:
             return
         if stored_model != self.model_id or rows.get("embedding_size") != str(self.embedding_size):
             raise GalleryError(
-                f"gallery {self.path} holds embeddings of model {stored_model} "
+                f"gallery {self.path} contains embeddings of model {stored_model} "
                 f"({rows.get('embedding_size')}-d) but the agent runs {self.model_id} "
                 f"({self.embedding_size}-d); re-enrol into a new gallery file"
             )

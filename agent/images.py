@@ -98,7 +98,7 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     if not data.startswith(JPEG_MAGIC):
         return None
     # Walk the JPEG markers to the first start-of-frame (SOF0..SOF15 except DHT,
-    # JPG and DAC), whose payload holds height then width as 16-bit big-endian.
+    # JPG and DAC), whose payload contains height then width as 16-bit big-endian.
     offset = 2
     while offset + 9 < len(data):
         if data[offset] != 0xFF:

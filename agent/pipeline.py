@@ -1,8 +1,8 @@
 """The recognition pipeline for one image: detect -> align -> embed -> match.
 
 `build_pipeline` loads the models named in the manifest on the configured
-runtime and warms them up; `Pipeline.recognize` is what the run loop and
-enrolment call for every image.
+runtime and warms them up. The run loop and enrolment call `Pipeline.recognize`
+or `Pipeline.embed_faces` for every image.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Frame sources: a folder of images, a video file, a camera index or a stream URL.
 
-Each source yields `Frame`s. A file that cannot be decoded yields a Frame whose
-`error` says why, so the pipeline logs it and moves on to the next input.
+Each source yields `Frame`s. For a file that cannot be decoded, the Frame's
+`error` contains the reason, so the pipeline logs it and moves on to the next input.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def test_gallery_survives_reopen(gallery: Gallery, tmp_path: Path) -> None:
 def test_other_model_rejected(gallery: Gallery, tmp_path: Path) -> None:
     gallery.close()
 
-    with pytest.raises(GalleryError, match="holds embeddings of model model-a"):
+    with pytest.raises(GalleryError, match="contains embeddings of model model-a"):
         Gallery(tmp_path / "gallery.db", "model-b", 3)
 
 
