@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# A device id is one MQTT topic level and part of the client id.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -103,6 +107,68 @@ class MqttConfig:
     tls: TlsConfig | None = _option(None, "TLS settings; omit for plain TCP")
     max_queued_messages: int = _option(10_000, "messages paho keeps while disconnected",
                                        low=1)
+    password_credential: str = _option(
+        "", "name of a systemd credential (a file in $CREDENTIALS_DIRECTORY) holding the "
+            "broker password; set this or password_file, not both")
+    protocol: str = _option("5", "MQTT protocol version; 5 reports rejected publishes in the "
+                                 "PUBACK, 3.1.1 does not", choices=("5", "3.1.1"))
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: Path = _option(Path("/var/lib/facenet-agent/outbox.db"),
+                         "SQLite file that keeps events until the broker acknowledges them")
+    max_events: int = _option(100_000, "events the outbox keeps at most", low=1)
+    max_bytes: int = _option(64 * 1024 * 1024, "payload bytes the outbox keeps at most",
+                             low=1024)
+    ttl_s: float = _option(7 * 24 * 3600.0, "seconds an event may wait before it is dropped",
+                           low=1.0)
+    full_policy: str = _option("drop_oldest", "what to do with a new event when the outbox is "
+                                              "full", choices=("drop_oldest", "reject_new"))
+    sync: str = _option("full", "SQLite synchronous mode: full syncs every write to disk and "
+                                "survives power loss, normal survives only a process crash",
+                        choices=("full", "normal"))
+    max_inflight: int = _option(64, "events sent to the broker and waiting for their PUBACK",
+                                low=1, high=65535)
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    mode: str = _option("appearance", "appearance: one event when a tracked face is confirmed "
+                                      "and one when it leaves; frame: one event per face per "
+                                      "frame", choices=("appearance", "frame"))
+    iou_threshold: float = _option(0.3, "least box overlap (IoU) that links a face to a track",
+                                   low=0.01, high=1.0)
+    confirm_frames: int = _option(3, "frames out of confirm_window that must show the same "
+                                     "identity before it is published", low=1, high=1000)
+    confirm_window: int = _option(5, "last frames of a track that confirmation looks at",
+                                  low=1, high=1000)
+    max_missed_frames: int = _option(10, "frames without the face after which it has left",
+                                     low=1, high=100_000)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    heartbeat_interval_s: float = _option(30.0, "seconds between heartbeat messages",
+                                          low=0.05, high=86_400.0)
+    prometheus_port: int = _option(0, "port of the Prometheus /metrics endpoint; 0 disables "
+                                      "it", low=0, high=65535)
+    prometheus_host: str = _option("127.0.0.1", "address the Prometheus endpoint binds to")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    frame_queue_size: int = _option(4, "frames waiting between the source and recognition",
+                                    low=1, high=10_000)
+    drop_frames: str = _option("auto", "when recognition falls behind: always drops the oldest "
+                                       "waiting frame, never makes the source wait, auto drops "
+                                       "only for cameras and streams",
+                               choices=("auto", "always", "never"))
+    drain_timeout_s: float = _option(10.0, "seconds a stop waits for the broker to acknowledge "
+                                           "the outbox", low=0.0, high=3600.0)
+    finish_timeout_s: float = _option(30.0, "seconds the end of a finite source waits for the "
+                                            "broker to acknowledge the outbox",
+                                      low=0.0, high=86_400.0)
 
 
 @dataclass(frozen=True)
@@ -116,6 +182,10 @@ class Config:
     matching: MatchingConfig = _option(None, "identity matching")
     gallery: GalleryConfig = _option(None, "enrolled identities")
     mqtt: MqttConfig = _option(None, "broker connection")
+    outbox: OutboxConfig = _option(None, "durable queue of events not yet acknowledged")
+    events: EventsConfig = _option(None, "what the agent publishes and when")
+    health: HealthConfig = _option(None, "heartbeat and metrics")
+    service: ServiceConfig = _option(None, "run loop queues and stop deadlines")
     log_level: str = _option("INFO", "logging level",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -156,6 +226,25 @@ def _check_cross_field(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: detection.thresholds: expected three scores between 0 and 1 "
             f"(P-Net, R-Net, O-Net), got {thresholds!r}"
+        )
+    if config.device_id and not _DEVICE_ID.fullmatch(config.device_id):
+        raise ConfigError(
+            f"{source}: device_id: expected letters, digits, '.', '_' or '-' (it is a topic "
+            f"level and part of the client id), got {config.device_id!r}"
+        )
+    if config.mqtt.password_file is not None and config.mqtt.password_credential:
+        raise ConfigError(
+            f"{source}: mqtt.password_credential: set either it or mqtt.password_file, not both"
+        )
+    if "/" in config.mqtt.password_credential:
+        raise ConfigError(
+            f"{source}: mqtt.password_credential: expected a credential name without '/', "
+            f"got {config.mqtt.password_credential!r}"
+        )
+    if config.events.confirm_frames > config.events.confirm_window:
+        raise ConfigError(
+            f"{source}: events.confirm_frames: must be at most events.confirm_window "
+            f"({config.events.confirm_window}), got {config.events.confirm_frames}"
         )
     tls = config.mqtt.tls
     if tls is not None and (tls.cert_file is None) != (tls.key_file is None):

@@ -89,3 +89,35 @@ def test_top_level_list_rejected(tmp_path: Path) -> None:
 def test_missing_file_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"device_id": "gate/01"}, "device_id: expected letters, digits"),
+        ({"device_id": "gate+01"}, "device_id: expected letters, digits"),
+        ({"mqtt": {"password_file": "/etc/pw", "password_credential": "mqtt-password"}},
+         "mqtt.password_credential: set either it or mqtt.password_file"),
+        ({"mqtt": {"password_credential": "../pw"}}, "mqtt.password_credential: expected a "
+                                                     "credential name"),
+        ({"events": {"confirm_frames": 6, "confirm_window": 5}},
+         "events.confirm_frames: must be at most events.confirm_window"),
+        ({"outbox": {"full_policy": "keep"}}, "outbox.full_policy: expected one of"),
+        ({"outbox": {"max_events": 0}}, "outbox.max_events: must be at least 1"),
+        ({"mqtt": {"protocol": "3"}}, "mqtt.protocol: expected one of 5, 3.1.1"),
+    ],
+)
+def test_delivery_settings_checked(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_delivery_defaults() -> None:
+    config = parse_config({"device_id": "gate-01"})
+
+    assert config.events.mode == "appearance"
+    assert config.outbox.full_policy == "drop_oldest"
+    assert config.outbox.sync == "full"
+    assert config.mqtt.protocol == "5"
+    assert config.health.prometheus_port == 0
+    assert config.health.prometheus_host == "127.0.0.1"
