@@ -7,13 +7,14 @@ the same offline message as the last will when the connection drops without an M
 DISCONNECT: a crash, a power cut, or a keepalive timeout.
 
 Paho's network thread connects in the background and reconnects with exponential
-back-off, so a broker that is unreachable at start is logged but not fatal.
+back-off and random jitter, so a broker that is unreachable at start is logged but
+not fatal, and a fleet that lost its broker does not reconnect in lockstep.
 
-NOTE: messages published while the broker is unreachable live only in paho's
-in-memory queue. It keeps at most `max_queued_messages` events, counting those
-still waiting for their PUBACK, and new events are dropped while it is full. Every
-queued message is lost when the process exits. A durable on-disk outbox is planned
-to replace this queue.
+Messages published while the broker is unreachable live only in paho's in-memory
+queue. It keeps at most `max_queued_messages` events, counting those still waiting
+for their PUBACK, and new events are dropped while it is full. Every queued message
+is lost when the process exits, so the agent never publishes events straight
+through this class: agent/forwarder.py feeds it from the on-disk outbox.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -38,12 +40,16 @@ ONLINE_PAYLOAD = json.dumps({"state": "online"}).encode()
 OFFLINE_PAYLOAD = json.dumps({"state": "offline"}).encode()
 
 # CONNACK reason codes that a retry with the same settings cannot fix. MQTT 3.1.1
-# return codes 4 and 5 map to these. mosquitto 2.0.11 sends 5 (Not authorized) for
-# a wrong password, not 4.
+# return codes 4 and 5 map to 134 and 135. mosquitto 2.0.11 answers a wrong password
+# with 135 (Not authorized) in both protocol versions, not 134.
 _PERMANENT_REFUSALS = frozenset({
     134,  # Bad user name or password
     135,  # Not authorized
+    138,  # Banned
+    140,  # Bad authentication method
 })
+
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 # Queue slots that events cannot take, kept for one online and one offline status.
 _STATUS_SLOTS = 2
@@ -51,6 +57,9 @@ _STATUS_SLOTS = 2
 LOG_PAYLOAD_BYTES = 64
 
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
+# Called once with None when the broker acknowledged a message, or with the name
+# of the PUBACK's failure reason code, such as 'Not authorized'.
+AckCallback = Callable[[str | None], None]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -99,7 +108,7 @@ def _check_topic_filter(topic: str) -> None:
 
 
 class MqttPublisher:
-    """An MQTT 3.1.1 client that publishes events and keeps a retained online/offline status.
+    """An MQTT 5 or 3.1.1 client that publishes events and keeps a retained online/offline status.
 
     All methods are thread-safe. Callbacks run in paho's network thread, so a slow
     callback delays every publish and PUBACK.
@@ -119,6 +128,7 @@ class MqttPublisher:
         max_queued_messages: int = 10_000,
         reconnect_min_delay_s: float = 1.0,
         reconnect_max_delay_s: float = 60.0,
+        protocol: str = "5",
     ) -> None:
         """Configure the client; nothing connects until `start()`.
 
@@ -128,6 +138,9 @@ class MqttPublisher:
         file None uses the system CA store.
         `max_queued_messages` caps the events that wait to be sent or to get a PUBACK.
         paho's queue has room for two more, kept for the status messages.
+        `protocol` is "5" or "3.1.1". Only MQTT 5 brokers can reject a single publish,
+        for example one that their ACL denies. An MQTT 3.1.1 broker acknowledges it
+        and drops it.
         Raises ValueError on an empty client id or an invalid value.
         """
         if not client_id:
@@ -145,6 +158,8 @@ class MqttPublisher:
             raise ValueError("password is set but username is empty; set both or neither")
         if tls is not None and tls.key_file is not None and tls.cert_file is None:
             raise ValueError(f"tls.key_file {tls.key_file} is set without tls.cert_file")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
         self.host = host
         self.port = port
@@ -154,6 +169,8 @@ class MqttPublisher:
         self.max_queued_messages = max_queued_messages
         self.reconnect_min_delay_s = reconnect_min_delay_s
         self.reconnect_max_delay_s = reconnect_max_delay_s
+        self.protocol = protocol
+        self.uses_tls = tls is not None
 
         # One condition guards every field below and wakes the wait_* methods.
         self._state = threading.Condition()
@@ -165,22 +182,28 @@ class MqttPublisher:
         self._started = False
         self._stopping = False
         self._refused_reason: str | None = None
+        # CONNACK failure that a retry may fix, kept for the log line in on_disconnect.
+        self._transient_refusal: str | None = None
         self._failed_attempts = 0
+        self._connection_count = 0
         self._dropped_messages = 0
         self._pending_mids: set[int] = set()
-        # PUBACKs that arrived before publish() returned the mid; see _publish_tracked.
-        self._early_acked_mids: set[int] = set()
+        # PUBACKs that arrived before publish() returned the mid, with their failure
+        # reason or None; see _publish_tracked.
+        self._early_acked_mids: dict[int, str | None] = {}
+        self._ack_callbacks: dict[int, AckCallback] = {}
         # Pending mids of status messages, a subset of _pending_mids.
         self._status_mids: set[int] = set()
         self._birth_mid: int | None = None
         self._subscriptions: dict[str, int] = {}
         self._subscribe_topics: dict[int, str] = {}
 
+        # MQTT 5 has no clean_session flag; connect_async sets clean_start instead.
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
+            clean_session=True if protocol == "3.1.1" else None,
+            protocol=PROTOCOLS[protocol],
         )
         # Without the extra slots, a queue full of events would drop the online status
         # at reconnect, and the retained status would read offline while connected.
@@ -218,19 +241,30 @@ class MqttPublisher:
                 raise RuntimeError(f"MQTT client {self.client_id} was already started")
             self._started = True
         log.info(
-            "MQTT client %s: connecting to %s:%d (keepalive %d s, status topic %s)",
-            self.client_id, self.host, self.port, self.keepalive, self.status_topic,
+            "MQTT client %s: connecting to %s:%d with MQTT %s%s (keepalive %d s, status "
+            "topic %s)",
+            self.client_id, self.host, self.port, self.protocol,
+            " over TLS" if self.uses_tls else "", self.keepalive, self.status_topic,
         )
-        self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        if self.protocol == "5":
+            self._client.connect_async(
+                self.host, self.port, keepalive=self.keepalive, clean_start=True
+            )
+        else:
+            self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self._client.loop_start()
 
-    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+    def publish(
+        self, topic: str, payload: bytes, on_acked: AckCallback | None = None
+    ) -> mqtt.MQTTMessageInfo:
         """Queue `payload` on `topic` with QoS 1 and retain=False, and return paho's info.
 
         `info.rc` is MQTT_ERR_SUCCESS when sent, MQTT_ERR_NO_CONN when queued until
         the next connect, and MQTT_ERR_QUEUE_SIZE when dropped because
-        `max_queued_messages` messages are already queued. Raises RuntimeError after
-        `stop()`, and ValueError on a topic with wildcards.
+        `max_queued_messages` messages are already queued. `on_acked` is called once
+        when the PUBACK arrives, in paho's network thread or in this one, and never
+        for a dropped message. Raises RuntimeError after `stop()`, and ValueError on
+        a topic with wildcards.
         """
         with self._state:
             if self._stopping:
@@ -245,7 +279,9 @@ class MqttPublisher:
             info = mqtt.MQTTMessageInfo(0)
             info.rc = mqtt.MQTT_ERR_QUEUE_SIZE
             return info
-        return self._publish_tracked(topic, payload, retain=False, status=False)
+        return self._publish_tracked(
+            topic, payload, retain=False, status=False, on_acked=on_acked
+        )
 
     def wait_for_delivery(self, timeout_s: float) -> bool:
         """Block until every message published so far has its PUBACK.
@@ -275,6 +311,12 @@ class MqttPublisher:
         """
         with self._state:
             return self._refused_reason
+
+    @property
+    def connection_count(self) -> int:
+        """Number of connections the broker has accepted since start()."""
+        with self._state:
+            return self._connection_count
 
     @property
     def pending_count(self) -> int:
@@ -356,7 +398,13 @@ class MqttPublisher:
     # Publishing and PUBACK tracking
 
     def _publish_tracked(
-        self, topic: str, payload: bytes, *, retain: bool, status: bool
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool,
+        status: bool,
+        on_acked: AckCallback | None = None,
     ) -> mqtt.MQTTMessageInfo:
         # No lock is held around client.publish(): paho holds its own message lock
         # while calling on_publish, and on_publish takes self._state, so holding
@@ -368,17 +416,24 @@ class MqttPublisher:
             self._log_dropped(topic, payload)
             return info
 
+        early_ack = False
+        early_failure: str | None = None
         with self._state:
             if info.mid in self._early_acked_mids:
-                self._early_acked_mids.discard(info.mid)
+                early_ack = True
+                early_failure = self._early_acked_mids.pop(info.mid)
             else:
                 self._pending_mids.add(info.mid)
                 if status:
                     self._status_mids.add(info.mid)
+                if on_acked is not None:
+                    self._ack_callbacks[info.mid] = on_acked
             dropped = 0
             if not status:
                 dropped, self._dropped_messages = self._dropped_messages, 0
 
+        if early_ack and on_acked is not None:
+            on_acked(early_failure)
         if dropped:
             log.info(
                 "MQTT client %s: queue accepts messages again after %d were dropped",
@@ -468,8 +523,14 @@ class MqttPublisher:
         with self._state:
             self._connack_received = True
             self._refused_reason = None
+            self._connection_count += 1
             failed_attempts, self._failed_attempts = self._failed_attempts, 0
             subscriptions = list(self._subscriptions.items())
+        # The next connection loss starts the back-off at the minimum again.
+        client.reconnect_delay_set(
+            min_delay=self.reconnect_min_delay_s,  # type: ignore[arg-type]
+            max_delay=self.reconnect_max_delay_s,  # type: ignore[arg-type]
+        )
         log.info(
             "MQTT client %s: connected to %s:%d after %d failed attempts (session present: %s)",
             self.client_id, self.host, self.port, failed_attempts, flags.session_present,
@@ -508,7 +569,9 @@ class MqttPublisher:
 
     def _on_connect_refused(self, client: mqtt.Client, reason_code: ReasonCode) -> None:
         if reason_code.value not in _PERMANENT_REFUSALS:
-            self._log_connect_failure(f"broker rejected the connection: {reason_code.getName()}")
+            # paho closes the connection next; on_disconnect logs the attempt.
+            with self._state:
+                self._transient_refusal = reason_code.getName()
             return
 
         with self._state:
@@ -534,14 +597,33 @@ class MqttPublisher:
         with self._state:
             self._failed_attempts += 1
             attempt = self._failed_attempts
+        delay = self._next_reconnect_delay(attempt)
         level = logging.WARNING if attempt == 1 else logging.DEBUG
         log.log(
             level,
-            "MQTT client %s: connection attempt %d to %s:%d failed: %s; retrying with "
-            "back-off from %.3g to %.3g s",
-            self.client_id, attempt, self.host, self.port, detail,
+            "MQTT client %s: connection attempt %d to %s:%d failed: %s; retrying in %.3g s "
+            "(back-off from %.3g to %.3g s with jitter)",
+            self.client_id, attempt, self.host, self.port, detail, delay,
             self.reconnect_min_delay_s, self.reconnect_max_delay_s,
         )
+
+    def _next_reconnect_delay(self, attempt: int) -> float:
+        """Pick the wait before the next attempt and hand it to paho.
+
+        The cap doubles with each failed attempt, from the minimum to the maximum
+        delay, and the wait is drawn uniformly between the minimum and that cap.
+        paho calls on_connect_fail and on_disconnect before it waits, and
+        reconnect_delay_set() restarts its own doubling, so paho's next wait is
+        exactly this value.
+        """
+        cap = min(self.reconnect_max_delay_s,
+                  self.reconnect_min_delay_s * 2.0 ** min(attempt - 1, 62))
+        delay = random.uniform(self.reconnect_min_delay_s, cap)
+        # paho annotates the delays as int but sleeps for float seconds too.
+        self._client.reconnect_delay_set(
+            min_delay=delay, max_delay=delay  # type: ignore[arg-type]
+        )
+        return delay
 
     @_log_exceptions
     def _on_disconnect(
@@ -558,6 +640,8 @@ class MqttPublisher:
             self._connected = False
             stopping = self._stopping
             pending = len(self._pending_mids)
+            refused = self._refused_reason is not None
+            transient_refusal, self._transient_refusal = self._transient_refusal, None
             self._state.notify_all()
 
         if stopping:
@@ -570,10 +654,14 @@ class MqttPublisher:
                 "reconnecting",
                 self.client_id, self.host, self.port, reason_code.getName(), pending,
             )
-        else:
-            log.debug(
-                "MQTT client %s: connection to %s:%d closed before it was accepted (%s)",
-                self.client_id, self.host, self.port, reason_code.getName(),
+        elif transient_refusal is not None:
+            self._log_connect_failure(f"broker rejected the connection: {transient_refusal}")
+        elif not refused:
+            # A broker that expects TLS closes a plain connection without a CONNACK.
+            hint = "" if self.uses_tls else "; if the port expects TLS, set mqtt.tls"
+            self._log_connect_failure(
+                f"the broker closed the connection before its CONNACK "
+                f"({reason_code.getName()}){hint}"
             )
 
     @_log_exceptions
@@ -585,22 +673,26 @@ class MqttPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        failure = reason_code.getName() if reason_code.is_failure else None
+        callback = None
         with self._state:
             if mid in self._pending_mids:
                 self._pending_mids.discard(mid)
                 self._status_mids.discard(mid)
+                callback = self._ack_callbacks.pop(mid, None)
             else:
-                self._early_acked_mids.add(mid)
+                self._early_acked_mids[mid] = failure
             self._state.notify_all()
 
         # MQTT 3.1.1 PUBACKs carry no reason code, so paho reports success for them.
-        if reason_code.is_failure:
+        if failure is not None:
             log.warning(
-                "MQTT client %s: broker rejected mid %d: %s",
-                self.client_id, mid, reason_code.getName(),
+                "MQTT client %s: broker rejected mid %d: %s", self.client_id, mid, failure
             )
         else:
             log.debug("MQTT client %s: PUBACK for mid %d", self.client_id, mid)
+        if callback is not None:
+            callback(failure)
 
     @_log_exceptions
     def _on_subscribe(
@@ -615,8 +707,9 @@ class MqttPublisher:
             topic = self._subscribe_topics.pop(mid, "<unknown topic>")
         for reason_code in reason_codes:
             if reason_code.is_failure:
-                log.warning(
-                    "MQTT client %s: broker rejected the subscription to %s (mid %d): %s",
+                log.error(
+                    "MQTT client %s: broker rejected the subscription to %s (mid %d): %s; "
+                    "check the broker's ACL for this client",
                     self.client_id, topic, mid, reason_code.getName(),
                 )
             else:
