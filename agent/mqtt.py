@@ -365,7 +365,8 @@ class MqttPublisher:
 
         if not refused and not self.wait_for_delivery(timeout_s):
             log.warning(
-                "MQTT client %s: %d messages still had no PUBACK after %.3g s and are lost",
+                "MQTT client %s: %d messages still had no PUBACK after %.3g s; the client "
+                "drops them",
                 self.client_id, self.pending_count, timeout_s,
             )
 
