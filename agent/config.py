@@ -112,16 +112,16 @@ class MqttConfig:
             "broker password; set this or password_file, not both")
     protocol: str = _option("5", "MQTT protocol version; 5 reports rejected publishes in the "
                                  "PUBACK, 3.1.1 does not", choices=("5", "3.1.1"))
-
-
-@dataclass(frozen=True)
-class OutboxConfig:
-    path: Path = _option(Path("/var/lib/facenet-agent/outbox.db"),
     reconnect_min_delay_s: float = _option(1.0, "least wait before a reconnect attempt, in "
                                                 "seconds", low=0.01, high=3600.0)
     reconnect_max_delay_s: float = _option(60.0, "most wait before a reconnect attempt; the "
                                                  "wait doubles up to it, with jitter",
                                            low=0.01, high=3600.0)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: Path = _option(Path("/var/lib/facenet-agent/outbox.db"),
                          "SQLite file that keeps events until the broker acknowledges them")
     max_events: int = _option(100_000, "events the outbox keeps at most", low=1)
     max_bytes: int = _option(64 * 1024 * 1024, "payload bytes the outbox keeps at most",
@@ -246,6 +246,11 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"{source}: mqtt.password_credential: expected a credential name without '/', "
             f"got {config.mqtt.password_credential!r}"
         )
+    if config.mqtt.reconnect_min_delay_s > config.mqtt.reconnect_max_delay_s:
+        raise ConfigError(
+            f"{source}: mqtt.reconnect_min_delay_s: must be at most mqtt.reconnect_max_delay_s "
+            f"({config.mqtt.reconnect_max_delay_s}), got {config.mqtt.reconnect_min_delay_s}"
+        )
     if config.events.confirm_frames > config.events.confirm_window:
         raise ConfigError(
             f"{source}: events.confirm_frames: must be at most events.confirm_window "
@@ -268,11 +273,6 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
-    if config.mqtt.reconnect_min_delay_s > config.mqtt.reconnect_max_delay_s:
-        raise ConfigError(
-            f"{source}: mqtt.reconnect_min_delay_s: must be at most mqtt.reconnect_max_delay_s "
-            f"({config.mqtt.reconnect_max_delay_s}), got {config.mqtt.reconnect_min_delay_s}"
-        )
     if unknown:
         raise ConfigError(
             f"{source}: {prefix}{unknown[0]}: unknown key; valid keys here are "
