@@ -1,4 +1,4 @@
-"""Command line: `facenet-agent models build | enroll | run | check-config`."""
+"""Command line: `facenet-agent models build | enroll | run | check-config | wait-online`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file and exit 0 if it is valid")
     check.add_argument("config", type=Path, help="agent YAML config")
     check.set_defaults(handler=_check_config)
+
+    wait = commands.add_parser(
+        "wait-online", help="wait until the agent reports online on its MQTT status topic")
+    wait.add_argument("--config", type=Path, required=True, help="agent YAML config")
+    wait.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait before giving up (default: 60)")
+    wait.add_argument("--password-file", type=Path, default=None,
+                      help="file with the broker password; overrides the config, whose "
+                           "systemd credential exists only inside the service")
+    wait.set_defaults(handler=_wait_online)
     return parser
 
 
@@ -105,6 +115,17 @@ def _check_config(args: argparse.Namespace) -> int:
     load_config(args.config)
     print(f"{args.config}: valid")
     return 0
+
+
+def _wait_online(args: argparse.Namespace) -> int:
+    from agent.status_check import read_password, wait_for_online
+
+    config = load_config(args.config)
+    _apply_log_level(args, config.log_level)
+    password = read_password(config, args.password_file)
+    result = wait_for_online(config, args.timeout, password)
+    print(f"{config.device_id}: {result.detail}")
+    return 0 if result.online else 1
 
 
 def _apply_log_level(args: argparse.Namespace, configured: str) -> None:
