@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+APPEARANCE_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ def identity_topic(prefix: str, device_id: str) -> str:
 
 def status_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/{device_id}/status"
+
+
+def appearance_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/{device_id}/events/appearance"
+
+
+def heartbeat_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/{device_id}/heartbeat"
 
 
 def identity_event(
@@ -64,6 +73,55 @@ def identity_event(
         },
         # null when the gallery is empty, because JSON has no infinity.
         "distance": round(distance, 6) if math.isfinite(distance) else None,
+        "threshold": context.threshold,
+        "metric": context.metric,
+        "bbox": [round(float(v), 1) for v in bbox[:4]],
+        "detection_score": round(float(detection_score), 6),
+        "model_id": context.model_id,
+        "gallery_version": gallery_version,
+    }
+
+
+def appearance_event(
+    context: EventContext,
+    *,
+    phase: str,
+    appearance_id: str,
+    source: str,
+    capture_time: float,
+    first_seen: float,
+    last_seen: float,
+    frames_seen: int,
+    bbox: np.ndarray,
+    detection_score: float,
+    identity_id: str | None,
+    name: str | None,
+    best_distance: float,
+    gallery_version: int,
+) -> dict[str, Any]:
+    """Build one appearance event: a tracked face "confirmed" as an identity, or "left".
+
+    Times are seconds since the Unix epoch. Its schema version is
+    APPEARANCE_SCHEMA_VERSION, counted apart from the per-frame event's.
+    """
+    return {
+        "schema_version": APPEARANCE_SCHEMA_VERSION,
+        "event_id": str(uuid.uuid4()),
+        "type": "appearance",
+        "phase": phase,
+        "appearance_id": appearance_id,
+        "device_id": context.device_id,
+        "source": source,
+        "capture_time": _iso8601(capture_time),
+        "first_seen": _iso8601(first_seen),
+        "last_seen": _iso8601(last_seen),
+        "frames_seen": frames_seen,
+        "identity": {
+            "id": identity_id,
+            "name": name,
+            "known": identity_id is not None,
+        },
+        "best_distance": round(best_distance, 6) if math.isfinite(best_distance) else None,
         "threshold": context.threshold,
         "metric": context.metric,
         "bbox": [round(float(v), 1) for v in bbox[:4]],
