@@ -104,11 +104,11 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.service import run_agent
+    from agent.service import run_service
 
     config = load_config(args.config)
     _apply_log_level(args, config.log_level)
-    return run_agent(config)
+    return run_service(args.config)
 
 
 def _check_config(args: argparse.Namespace) -> int:

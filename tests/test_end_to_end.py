@@ -34,6 +34,9 @@ def write_config(path: Path, model_dir: Path, gallery: Path, source: Path, port:
         "gallery": {"path": str(gallery)},
         "source": {"uri": str(source)},
         "mqtt": {"host": "127.0.0.1", "port": port},
+        "outbox": {"path": str(path.with_suffix(".outbox.db"))},
+        # These tests check one event per face in each photo, not appearances.
+        "events": {"mode": "frame"},
     }
     path.write_text(yaml.safe_dump(config))
     return path
