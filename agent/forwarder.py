@@ -72,6 +72,8 @@ class Forwarder:
         self._retry_at: float | None = None
         self._delivered = 0
         self._refused = 0
+        # Send rounds in a row that ended in a refusal; only the first is an error.
+        self._refusal_rounds = 0
         self._idle = threading.Condition(self._lock)
         self._sending = True
         self._thread = threading.Thread(target=self._run, name="outbox-forwarder", daemon=True)
@@ -175,21 +177,25 @@ class Forwarder:
                 self._inflight.pop(seq, None)
                 if failure is None:
                     self._delivered += 1
+                    self._refusal_rounds = 0
                     continue
                 self._refused += 1
-                first_refusal = not self._refused_seqs
+                first_of_round = not self._refused_seqs
                 self._refused_seqs.add(seq)
-                if first_refusal:
-                    self._retry_at = time.monotonic() + self.retry_after_s
-                    log.error(
-                        "forwarder: broker rejected event %s (seq %d): %s. Check the "
-                        "broker's ACL for client %s; the event stays in the outbox and is "
-                        "sent again in %.3g s",
-                        event_id, seq, failure, self.publisher.client_id, self.retry_after_s,
-                    )
-                else:
+                if not first_of_round:
                     log.debug("forwarder: broker rejected event %s (seq %d): %s",
                               event_id, seq, failure)
+                    continue
+                self._refusal_rounds += 1
+                self._retry_at = time.monotonic() + self.retry_after_s
+                log.log(
+                    logging.ERROR if self._refusal_rounds == 1 else logging.DEBUG,
+                    "forwarder: broker rejected event %s (seq %d): %s. Check the broker's "
+                    "ACL for client %s; the event stays in the outbox and is sent again in "
+                    "%.3g s (refusal %d in a row)",
+                    event_id, seq, failure, self.publisher.client_id, self.retry_after_s,
+                    self._refusal_rounds,
+                )
             self._idle.notify_all()
 
     def _send(self) -> None:

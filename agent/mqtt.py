@@ -686,9 +686,11 @@ class MqttPublisher:
             self._state.notify_all()
 
         # MQTT 3.1.1 PUBACKs carry no reason code, so paho reports success for them.
+        # A message with an on_acked callback has its refusal reported by its owner.
         if failure is not None:
-            log.warning(
-                "MQTT client %s: broker rejected mid %d: %s", self.client_id, mid, failure
+            log.log(
+                logging.DEBUG if callback is not None else logging.WARNING,
+                "MQTT client %s: broker rejected mid %d: %s", self.client_id, mid, failure,
             )
         else:
             log.debug("MQTT client %s: PUBACK for mid %d", self.client_id, mid)
