@@ -150,10 +150,15 @@ class MosquittoBroker:
         client_id: str | None = None,
         clean_session: bool = True,
         timeout_s: float = STARTUP_TIMEOUT_S,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> Subscriber:
         """Connect a new subscriber to `topic` and return once the broker sent its SUBACK.
 
-        `close()` disconnects every subscriber made here.
+        `ca_file` turns on TLS with that CA, and `client_cert` is a certificate and
+        key pair to present. `close()` disconnects every subscriber made here.
         """
         subscriber = Subscriber(
             self.host,
@@ -162,6 +167,10 @@ class MosquittoBroker:
             qos=qos,
             client_id=client_id,
             clean_session=clean_session,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            client_cert=client_cert,
         )
         self._subscribers.append(subscriber)
         subscriber.start(timeout_s)
@@ -234,6 +243,10 @@ class Subscriber:
         qos: int = 1,
         client_id: str | None = None,
         clean_session: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         self.topic = topic
         self._host = host
@@ -249,6 +262,12 @@ class Subscriber:
         )
         # paho annotates the delays as int but sleeps for float seconds too.
         self._client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
+        if username:
+            self._client.username_pw_set(username, password)
+        if ca_file is not None:
+            cert, key = client_cert or (None, None)
+            self._client.tls_set(ca_certs=str(ca_file), certfile=cert and str(cert),
+                                 keyfile=key and str(key))
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
