@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="file with the broker password; overrides the config, whose "
                            "systemd credential exists only inside the service")
     wait.set_defaults(handler=_wait_online)
+
+    from agent.server.cli import add_server_commands
+
+    add_server_commands(commands)
     return parser
 
 

@@ -81,6 +81,12 @@ class MatchingConfig:
                           choices=("euclidean", "squared_euclidean"))
     threshold: float = _option(1.1, "a face matches when its distance is below this",
                                low=0.0, high=4.0)
+    index: str = _option("auto", "exact searches every embedding; approximate uses an HNSW "
+                                 "index (needs usearch); auto uses it from approximate_min_rows "
+                                 "embeddings on", choices=("exact", "approximate", "auto"))
+    approximate_min_rows: int = _option(100_000, "embeddings from which index: auto builds the "
+                                                 "approximate index", low=1)
+
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,22 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    group: str = _option("", "server gallery group this device follows; empty disables sync")
+    public_key: str = _option("", "the server's Ed25519 public key, base64, as written by "
+                                  "`facenet-agent server keygen`; manifests signed by any other "
+                                  "key are rejected")
+    max_message_bytes: int = _option(1024 * 1024, "larger sync messages are rejected unread",
+                                     low=1024, high=256 * 1024 * 1024)
+    max_snapshot_bytes: int = _option(1024 * 1024 * 1024, "larger snapshots are rejected",
+                                      low=1024)
+    fetch_timeout_s: float = _option(15.0, "seconds without a new chunk before the agent asks "
+                                           "the server to publish again", low=0.1, high=86_400.0)
+    resync_interval_s: float = _option(30.0, "least seconds between two resync requests",
+                                       low=0.1, high=86_400.0)
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str = _option("", "unique id of this device, used in topics and the client id")
     models: ModelsConfig = _option(None, "model files")
@@ -191,12 +213,107 @@ class Config:
     events: EventsConfig = _option(None, "what the agent publishes and when")
     health: HealthConfig = _option(None, "heartbeat and metrics")
     service: ServiceConfig = _option(None, "run loop queues and stop deadlines")
+    sync: SyncConfig = _option(None, "gallery sync from the central server")
     log_level: str = _option("INFO", "logging level",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @property
     def mqtt_client_id(self) -> str:
         return self.mqtt.client_id or f"facenet-agent-{self.device_id}"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str = _option("sqlite", "where the server keeps identities, published versions and "
+                                     "sightings", choices=("sqlite", "postgresql"))
+    path: Path = _option(Path("/var/lib/facenet-agent/server.db"), "SQLite file (backend sqlite)")
+    dsn: str = _option("", "libpq connection string, such as 'host=db dbname=facenet' "
+                           "(backend postgresql); put the password in ~/.pgpass, not here")
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    private_key_file: Path = _option(Path("/etc/facenet-agent/server.key"),
+                                     "Ed25519 private key written by `facenet-agent server keygen`")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    groups: list[str] = _option([], "gallery groups that `server run` publishes and serves")
+    chunk_bytes: int = _option(128 * 1024, "snapshot and delta chunk size; keep it below the "
+                                           "broker's maximum packet size", low=1024,
+                               high=256 * 1024 * 1024)
+    max_deltas: int = _option(32, "deltas since the last snapshot before a new snapshot is "
+                                  "published", low=0, high=10_000)
+    resync_min_interval_s: float = _option(10.0, "least seconds between two republications "
+                                                 "of a group's snapshot on device request",
+                                           low=0.0, high=86_400.0)
+    poll_interval_s: float = _option(5.0, "seconds between checks of the store for changes to "
+                                          "publish", low=0.1, high=86_400.0)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    enabled: bool = _option(True, "collect identity events into the sightings store")
+    share_group: str = _option("facenet-collectors", "MQTT 5 shared subscription group; "
+                                                     "collectors with the same name split the "
+                                                     "events between them")
+    max_event_bytes: int = _option(64 * 1024, "larger events are rejected unread", low=256)
+    batch_size: int = _option(500, "events written to the store per transaction", low=1,
+                              high=100_000)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_id: str = _option("", "unique id of this server process, part of its client id")
+    store: StoreConfig = _option(None, "identity and sightings store")
+    signing: SigningConfig = _option(None, "manifest signing key")
+    publish: PublishConfig = _option(None, "gallery publication")
+    collector: CollectorConfig = _option(None, "sightings collector")
+    mqtt: MqttConfig = _option(None, "broker connection")
+    models: ModelsConfig = _option(None, "model files, for `server enroll` from photos")
+    runtime: RuntimeConfig = _option(None, "inference runtime, for `server enroll`")
+    detection: DetectionConfig = _option(None, "MTCNN settings, for `server enroll`")
+    alignment: AlignmentConfig = _option(None, "face crop settings, for `server enroll`")
+    log_level: str = _option("INFO", "logging level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Read and validate the central server's YAML config; raise ConfigError on any problem."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
+                          f"got {type(raw).__name__}")
+    return parse_server_config(raw, source=str(path))
+
+
+def parse_server_config(raw: dict[str, Any], source: str = "server config") -> ServerConfig:
+    """Validate an already parsed server mapping; see `load_server_config`."""
+    from agent.gallery_protocol import check_group_name
+
+    config = typing.cast(ServerConfig, _build(ServerConfig, raw, prefix="", source=source))
+    if not _DEVICE_ID.fullmatch(config.server_id):
+        raise ConfigError(f"{source}: server_id: expected letters, digits, '.', '_' or '-', "
+                          f"got {config.server_id!r}")
+    for index, group in enumerate(config.publish.groups):
+        try:
+            check_group_name(group)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: publish.groups[{index}]: {exc}") from exc
+    if config.store.backend == "postgresql" and not config.store.dsn:
+        raise ConfigError(f"{source}: store.dsn: missing; backend postgresql needs a libpq "
+                          "connection string such as 'host=127.0.0.1 dbname=facenet'")
+    if "/" in config.collector.share_group or "+" in config.collector.share_group \
+            or "#" in config.collector.share_group or not config.collector.share_group:
+        raise ConfigError(f"{source}: collector.share_group: expected one topic level without "
+                          f"/ + #, got {config.collector.share_group!r}")
+    return config
 
 
 def load_config(path: Path) -> Config:
@@ -262,6 +379,34 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"{source}: mqtt.tls: cert_file and key_file must be set together, "
             f"got cert_file={tls.cert_file} and key_file={tls.key_file}"
         )
+    _check_sync(config.sync, source)
+
+
+def _check_sync(sync: SyncConfig, source: str) -> None:
+    from agent.gallery_protocol import check_group_name, decode_public_key
+
+    if not sync.group:
+        return
+    try:
+        check_group_name(sync.group)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: sync.group: {exc}") from exc
+    if not sync.public_key:
+        raise ConfigError(f"{source}: sync.public_key: missing; copy the server's public key "
+                          "from the server.pub file that `facenet-agent server keygen` wrote")
+    try:
+        decode_public_key(sync.public_key)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: sync.public_key: {exc}") from exc
+
+
+def parse_section(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Validate a mapping against the frozen dataclass `cls` as config sections are.
+
+    Other YAML files with a fixed schema (device profiles) use this, so that a
+    typo there is rejected with the key named as in the config.
+    """
+    return _build(cls, raw, prefix, source)
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:

@@ -2,7 +2,18 @@
 
 Matching is exact and vectorised: for unit-length embeddings the Euclidean
 distance is sqrt(2 - 2 * dot), so a batch of faces is matched against every
-stored embedding with one matrix product.
+stored embedding with one matrix product. Above `approximate_min_rows` rows an
+HNSW index (agent/gallery_index.py) can answer instead; it is built in a
+background thread after each change, and exact search serves until it is ready.
+
+A gallery is either local, filled by `facenet-agent enroll`, or synced from one
+server group by agent/gallery_sync.py, and never both: `add` rejects a synced
+gallery and `apply_snapshot` rejects a local one that has identities. A synced
+gallery's version is the server's version of that group.
+
+Matching reads one immutable `_GalleryState`, replaced as a whole after each
+committed change, so a match never sees half of an update and reports the
+version of the rows it searched.
 """
 
 from __future__ import annotations
@@ -10,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from agent.gallery_index import INDEX_MODES, ApproximateIndex, build_index
+from agent.gallery_protocol import IdentityChange
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +67,50 @@ class Match:
     identity_id: str | None
     name: str | None
     distance: float  # to the nearest stored embedding, in the configured metric; inf when empty
+    gallery_version: int = 0  # version of the gallery that was searched
 
     @property
     def known(self) -> bool:
         return self.identity_id is not None
 
 
+@dataclass(frozen=True)
+class _GalleryState:
+    """Everything `match` reads, swapped as one object after each committed change."""
+
+    version: int
+    vectors: np.ndarray  # float32, one row per embedding
+    owners: list[str]  # identity id of each row
+    names: dict[str, str]  # identity id -> name
+    index: ApproximateIndex | None = None
+
+
 class Gallery:
     """SQLite-backed gallery for one model; cached in memory as a matrix for matching."""
 
-    def __init__(self, path: Path, model_id: str, embedding_size: int) -> None:
+    def __init__(self, path: Path, model_id: str, embedding_size: int, *,
+                 index_mode: str = "exact", approximate_min_rows: int = 100_000) -> None:
+        """Open or create the gallery file; `index_mode` is exact, approximate or auto.
+
+        "approximate" builds an HNSW index whenever the gallery has rows, "auto"
+        only from `approximate_min_rows` rows on.
+        """
+        if index_mode not in INDEX_MODES:
+            raise ValueError(f"unknown index mode {index_mode!r}; expected one of {INDEX_MODES}")
         self.path = path
         self.model_id = model_id
         self.embedding_size = embedding_size
+        self.index_mode = index_mode
+        self.approximate_min_rows = approximate_min_rows
+        # Serialises writes and state swaps; match() takes no lock.
+        self._lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._check_model()
-        self._vectors = np.empty((0, embedding_size), dtype=np.float32)
-        self._owners: list[str] = []
-        self._names: dict[str, str] = {}
+        self._state = _GalleryState(0, np.empty((0, embedding_size), np.float32), [], {})
         self._reload()
 
     def close(self) -> None:
@@ -81,12 +118,29 @@ class Gallery:
 
     @property
     def version(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-        return int(row[0]) if row else 0
+        """Version of the rows that match() searches now."""
+        return self._state.version
 
     @property
     def identity_count(self) -> int:
-        return len(self._names)
+        return len(self._state.names)
+
+    @property
+    def embedding_count(self) -> int:
+        return len(self._state.owners)
+
+    @property
+    def origin(self) -> str | None:
+        """"local", "server:<group>", or None while the gallery has never changed."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        if row is not None:
+            return str(row[0])
+        return "local" if self._stored_version() > 0 else None
+
+    @property
+    def approximate_ready(self) -> bool:
+        """True when match() uses the approximate index."""
+        return self._state.index is not None
 
     def add(self, identity_id: str, name: str, vectors: np.ndarray, sources: list[str]) -> int:
         """Store embeddings for one identity (created if new) and bump the gallery version."""
@@ -99,7 +153,23 @@ class Gallery:
         if not np.all(np.isfinite(vectors)):
             raise GalleryError(f"identity {identity_id}: embeddings contain NaN or inf")
 
+        with self._lock:
+            self._add_rows(identity_id, name, vectors, sources)
+            version = self.version
+        log.info("gallery %s: stored %d embeddings for identity %s (%s), version %d",
+                 self.path, len(vectors), identity_id, name, version)
+        return version
+
+    def _add_rows(self, identity_id: str, name: str, vectors: np.ndarray,
+                  sources: list[str]) -> None:
         with self._transaction():
+            origin = self.origin
+            if origin is not None and origin != "local":
+                raise GalleryError(
+                    f"gallery {self.path} is synced from {origin}; enrol on the server with "
+                    "`facenet-agent server enroll`, or use another gallery.path for local enrolment"
+                )
+            self._set_meta("origin", "local")
             self._db.execute(
                 "INSERT INTO identities (identity_id, name, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(identity_id) DO UPDATE SET name = excluded.name",
@@ -110,35 +180,139 @@ class Gallery:
                 [(identity_id, v.astype("<f4").tobytes(), s)
                  for v, s in zip(vectors, sources, strict=True)],
             )
-            version = self._bump_version()
+            self._bump_version()
         self._reload()
-        log.info("gallery %s: stored %d embeddings for identity %s (%s), version %d",
-                 self.path, len(vectors), identity_id, name, version)
-        return version
 
     def match(self, embeddings: np.ndarray, threshold: float, metric: str) -> list[Match]:
         """Return the nearest identity for each row of `embeddings` (unit length)."""
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        state = self._state
         if len(embeddings) == 0:
             return []
-        if len(self._vectors) == 0:
-            return [Match(None, None, float("inf")) for _ in embeddings]
+        if len(state.vectors) == 0:
+            return [Match(None, None, float("inf"), state.version) for _ in embeddings]
 
+        queries = np.asarray(embeddings, dtype=np.float32)
+        if state.index is not None:
+            nearest, best_dot = state.index.search(queries)
+        else:
+            # The largest dot product is the smallest distance, so only the best
+            # column per face is converted to a distance.
+            dots = queries @ state.vectors.T
+            nearest = np.argmax(dots, axis=1)
+            best_dot = dots[np.arange(len(queries)), nearest]
         # Rounding can push 2 - 2*dot a hair below zero for identical vectors.
-        squared = np.maximum(2.0 - 2.0 * (embeddings @ self._vectors.T), 0.0)
-        nearest = np.argmin(squared, axis=1)
-        nearest_squared = squared[np.arange(len(embeddings)), nearest]
+        nearest_squared = np.maximum(2.0 - 2.0 * best_dot, 0.0)
         distances = nearest_squared if metric == "squared_euclidean" else np.sqrt(nearest_squared)
 
         matches = []
-        for index, distance in zip(nearest, distances, strict=True):
+        for row, distance in zip(nearest, distances, strict=True):
             if distance < threshold:
-                owner = self._owners[index]
-                matches.append(Match(owner, self._names[owner], float(distance)))
+                owner = state.owners[row]
+                matches.append(Match(owner, state.names[owner], float(distance), state.version))
             else:
-                matches.append(Match(None, None, float(distance)))
+                matches.append(Match(None, None, float(distance), state.version))
         return matches
+
+    def apply_snapshot(self, group: str, version: int, changes: Sequence[IdentityChange],
+                       vectors: np.ndarray) -> None:
+        """Replace every identity with a server snapshot, in one transaction.
+
+        Raises GalleryError, leaving the gallery as it was, when the gallery holds
+        local enrolments, belongs to another group, or is already at `version` or newer.
+        """
+        rows = self._check_rows(vectors, f"snapshot {version}")
+        with self._lock:
+            with self._transaction():
+                self._replace_all(group, version, changes, rows)
+            self._reload()
+
+    def _replace_all(self, group: str, version: int, changes: Sequence[IdentityChange],
+                     rows: np.ndarray) -> None:
+        self._check_sync_target(group, version)
+        self._db.execute("DELETE FROM embeddings")
+        self._db.execute("DELETE FROM identities")
+        self._insert_changes(changes, rows, f"server:{group}@{version}")
+        self._set_meta("origin", f"server:{group}")
+        self._set_meta("version", str(version))
+
+    def apply_delta(self, group: str, base_version: int, version: int,
+                    changes: Sequence[IdentityChange], vectors: np.ndarray) -> None:
+        """Apply one server delta in one transaction, or raise GalleryError and change nothing.
+
+        The gallery must be at `base_version`. `add` needs an absent identity and
+        `update` and `remove` a present one; any other state means the gallery
+        differs from the server's, and the caller should fetch a snapshot.
+        """
+        rows = self._check_rows(vectors, f"delta {version}")
+        with self._lock:
+            with self._transaction():
+                self._apply_changes(group, base_version, version, changes, rows)
+            self._reload()
+
+    def _apply_changes(self, group: str, base_version: int, version: int,
+                       changes: Sequence[IdentityChange], rows: np.ndarray) -> None:
+        self._check_sync_target(group, version)
+        current = self._stored_version()
+        if current != base_version:
+            raise GalleryError(
+                f"delta {version} applies to version {base_version}, gallery is at {current}"
+            )
+        for change in changes:
+            exists = self._db.execute("SELECT 1 FROM identities WHERE identity_id = ?",
+                                      (change.identity_id,)).fetchone() is not None
+            if exists == (change.op == "add"):
+                raise GalleryError(
+                    f"delta {version}: cannot {change.op} identity "
+                    f"{change.identity_id[:80]!r}, which is "
+                    f"{'already' if exists else 'not'} in gallery version {current}"
+                )
+            self._db.execute("DELETE FROM embeddings WHERE identity_id = ?",
+                             (change.identity_id,))
+            self._db.execute("DELETE FROM identities WHERE identity_id = ?",
+                             (change.identity_id,))
+        upserts = [change for change in changes if change.op != "remove"]
+        self._insert_changes(upserts, rows, f"server:{group}@{version}")
+        self._set_meta("version", str(version))
+
+    def _check_rows(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        rows = np.asarray(vectors, dtype="<f4")
+        if rows.ndim != 2 or rows.shape[1] != self.embedding_size:
+            raise GalleryError(f"{what}: expected embeddings of shape (n, "
+                               f"{self.embedding_size}), got {rows.shape}")
+        if not np.all(np.isfinite(rows)):
+            raise GalleryError(f"{what}: embeddings contain NaN or inf")
+        return rows
+
+    def _check_sync_target(self, group: str, version: int) -> None:
+        origin = self.origin
+        if origin == "local":
+            raise GalleryError(
+                f"gallery {self.path} holds local enrolments; a synced gallery needs its own "
+                "file, so set gallery.path to a new file or enrol these people on the server"
+            )
+        if origin is not None and origin != f"server:{group}":
+            raise GalleryError(f"gallery {self.path} is synced from {origin}, not server:{group}")
+        current = self._stored_version()
+        if version <= current:
+            raise GalleryError(f"version {version} is not newer than the gallery's {current}")
+
+    def _insert_changes(self, changes: Sequence[IdentityChange], rows: np.ndarray,
+                        source: str) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO identities (identity_id, name, created_at) VALUES (?, ?, ?)",
+            [(change.identity_id, change.name, now) for change in changes],
+        )
+        self._db.executemany(
+            "INSERT INTO embeddings (identity_id, vector, source) VALUES (?, ?, ?)",
+            [
+                (change.identity_id, rows[row].tobytes(), source)
+                for change in changes
+                for row in range(change.first_row, change.first_row + change.row_count)
+            ],
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -152,13 +326,20 @@ class Gallery:
         self._db.execute("COMMIT")
 
     def _bump_version(self) -> int:
-        version = self.version + 1
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES ('version', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (str(version),),
-        )
+        version = self._stored_version() + 1
+        self._set_meta("version", str(version))
         return version
+
+    def _stored_version(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def _check_model(self) -> None:
         rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -177,11 +358,38 @@ class Gallery:
             )
 
     def _reload(self) -> None:
-        self._names = dict(self._db.execute("SELECT identity_id, name FROM identities"))
+        names = dict(self._db.execute("SELECT identity_id, name FROM identities"))
         rows = self._db.execute("SELECT identity_id, vector FROM embeddings ORDER BY id").fetchall()
-        self._owners = [identity_id for identity_id, _ in rows]
-        if rows:
-            self._vectors = np.stack([np.frombuffer(blob, dtype="<f4") for _, blob in rows])
-        else:
-            self._vectors = np.empty((0, self.embedding_size), dtype=np.float32)
+        owners = [identity_id for identity_id, _ in rows]
+        blob = b"".join(vector for _, vector in rows)
+        del rows
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, self.embedding_size).copy()
+        del blob
+        state = _GalleryState(self._stored_version(), vectors, owners, names)
+        self._state = state
+        if self._wants_index(len(vectors)):
+            threading.Thread(target=self._build_index, args=(state,),
+                             name="gallery-index", daemon=True).start()
+
+    def _wants_index(self, rows: int) -> bool:
+        if self.index_mode == "approximate":
+            return rows > 0
+        return self.index_mode == "auto" and rows >= self.approximate_min_rows
+
+    def _build_index(self, state: _GalleryState) -> None:
+        try:
+            index = build_index(state.vectors)
+        except Exception:
+            log.exception("gallery %s version %d: building the approximate index failed; "
+                          "exact search stays in use", self.path, state.version)
+            return
+        with self._lock:
+            if self._state is not state:
+                log.info("gallery %s: index for version %d discarded, the gallery changed",
+                         self.path, state.version)
+                return
+            if index is not None:
+                self._state = replace(state, index=index)
+                log.info("gallery %s version %d: approximate index ready over %d rows",
+                         self.path, state.version, len(state.vectors))
 

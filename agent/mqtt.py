@@ -195,6 +195,10 @@ class MqttPublisher:
         # Pending mids of status messages, a subset of _pending_mids.
         self._status_mids: set[int] = set()
         self._birth_mid: int | None = None
+        # Extra fields of the retained online status, set with update_status().
+        self._status_fields: dict[str, Any] = {}
+        self._online_payload = ONLINE_PAYLOAD
+        self._birth_payload: bytes | None = None
         self._subscriptions: dict[str, int] = {}
         self._subscribe_topics: dict[int, str] = {}
 
@@ -343,6 +347,35 @@ class MqttPublisher:
         # under self._state, so exactly one of them sends it.
         if connack_received:
             self._send_subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Undo `subscribe(topic)`: stop calling its callback and stop re-subscribing it."""
+        self._client.message_callback_remove(topic)
+        with self._state:
+            known = self._subscriptions.pop(topic, None) is not None
+            connack_received = self._connack_received
+        if known and connack_received:
+            rc, _mid = self._client.unsubscribe(topic)
+            log.debug("MQTT client %s: unsubscribing from %s (%s)",
+                      self.client_id, topic, mqtt.error_string(rc))
+
+    def update_status(self, **fields: Any) -> None:
+        """Add `fields` to the retained online status, and publish it again when connected.
+
+        The fields must be JSON-serialisable; "state" is reserved.
+        """
+        if "state" in fields:
+            raise ValueError("the status field 'state' is set by the client itself")
+        with self._state:
+            self._status_fields.update(fields)
+            payload = json.dumps({"state": "online", **self._status_fields}).encode()
+            self._online_payload = payload
+            send = self._connected and not self._stopping
+        if send:
+            info = self._publish_tracked(self.status_topic, payload, retain=True, status=True)
+            with self._state:
+                self._birth_mid = info.mid
+                self._birth_payload = payload
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Wait for PUBACKs, publish the offline status, disconnect and stop the thread.
@@ -555,6 +588,9 @@ class MqttPublisher:
     def _publish_birth(self) -> None:
         with self._state:
             earlier_birth = self._birth_mid if self._birth_mid in self._pending_mids else None
+            payload = self._online_payload
+            if self._birth_payload != payload:
+                earlier_birth = None
         if earlier_birth is not None:
             # paho sends queued messages right after on_connect returns, so the
             # earlier online status goes out now and another one is not needed.
@@ -564,9 +600,10 @@ class MqttPublisher:
                 self.client_id, earlier_birth,
             )
             return
-        info = self._publish_tracked(self.status_topic, ONLINE_PAYLOAD, retain=True, status=True)
+        info = self._publish_tracked(self.status_topic, payload, retain=True, status=True)
         with self._state:
             self._birth_mid = info.mid
+            self._birth_payload = payload
 
     def _on_connect_refused(self, client: mqtt.Client, reason_code: ReasonCode) -> None:
         if reason_code.value not in _PERMANENT_REFUSALS:

