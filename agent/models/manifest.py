@@ -5,9 +5,12 @@ device before it loads any model. This module imports only the standard
 library so that the device needs neither onnx, h5py nor TensorFlow.
 
 The manifest records, for each of the four models, the file name, sha256,
-input name and shape, and output names. It also records the preprocessing
-the embedder expects, the distance metric and threshold, where the weights
-came from, and which package versions built the files. A `content_sha256`
+input name and shape, and output names. Its optional `variants` list adds the
+same model in other formats and precisions (TFLite, SavedModel, int8 ONNX),
+each with its sha256 and, for the embedder, the accuracy measured at build time.
+It also records the preprocessing the embedder expects, the distance metric
+and threshold, where the weights came from, and which package versions built
+the files. A `content_sha256`
 over the rest of the document catches edits to the manifest itself. It is a
 checksum against corruption and hand edits, not a signature, so it does not
 stop someone who recomputes it.
@@ -30,6 +33,7 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("embedder", "pnet", "rnet", "onet")
 PREWHITEN_FORMULA = "(x - mean) / max(std, 1/sqrt(N)), N = number of values in the image"
 REBUILD_HINT = "rebuild the models with `facenet-agent models build --out DIR`"
+FORMATS = ("onnx", "tflite", "savedmodel")
 
 
 class ManifestError(ValueError):
@@ -46,6 +50,20 @@ class ModelFile:
     input_name: str
     input_shape: tuple[int | None, ...]  # NHWC; None marks a dynamic dimension
     outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """One file (or SavedModel folder) of one model in one format and precision."""
+
+    role: str
+    format: str  # one of FORMATS
+    precision: str  # "fp32", "fp16" or "int8"
+    path: Path
+    sha256: str  # of the file; of a folder, see sha256_tree
+    # Verification accuracy in percent on the example set at build time; None if
+    # not measured (the detector stages).
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,9 +88,47 @@ class Manifest:
     mtcnn_normalization: Mapping[str, float] = field(
         default_factory=lambda: MappingProxyType({"mean": 127.5, "scale": 0.0078125})
     )
+    variants: tuple[ModelVariant, ...] = ()
 
     def model_files(self) -> tuple[ModelFile, ...]:
         return tuple(getattr(self, role) for role in ROLES)
+
+    def variant(self, role: str, format: str, precision: str) -> ModelVariant | None:
+        """Return the variant of `role` in `format` and `precision`, or None if not built.
+
+        The ONNX fp32 file is always available, also from a manifest without variants.
+        """
+        for variant in self.variants:
+            if (variant.role, variant.format, variant.precision) == (role, format, precision):
+                return variant
+        if (format, precision) == ("onnx", "fp32"):
+            model = getattr(self, role)
+            return ModelVariant(role, "onnx", "fp32", model.path, model.sha256)
+        return None
+
+    def precisions(self, role: str, format: str) -> list[str]:
+        """Return the precisions built for `role` in `format`, fp32 first."""
+        found = {v.precision for v in self.variants if (v.role, v.format) == (role, format)}
+        if format == "onnx":
+            found.add("fp32")
+        return [p for p in ("fp32", "fp16", "int8") if p in found]
+
+
+def sha256_tree(path: Path) -> str:
+    """Return a sha256 over every file under the folder `path`: relative names and contents.
+
+    Each file adds "<relative path>\0<sha256 of its bytes>\n", in sorted order.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        digest.update(f"{relative}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """Return sha256_tree for a folder and sha256_file for a file."""
+    return sha256_tree(path) if path.is_dir() else sha256_file(path)
 
 
 def sha256_file(path: Path) -> str:
@@ -133,8 +189,24 @@ def _to_document(manifest: Manifest, provenance: Mapping[str, Any]) -> dict[str,
             **manifest.mtcnn_normalization,
             "formula": "(x - mean) * scale",
         },
+        "variants": [_variant_entry(manifest.directory, v) for v in manifest.variants],
         "provenance": dict(provenance),
     }
+
+
+def _variant_entry(directory: Path, variant: ModelVariant) -> dict[str, Any]:
+    if variant.path.parent.resolve() != directory.resolve():
+        raise ValueError(f"{variant.path} is not inside {directory}")
+    entry: dict[str, Any] = {
+        "role": variant.role,
+        "format": variant.format,
+        "precision": variant.precision,
+        "file": variant.path.name,
+        "sha256": variant.sha256,
+    }
+    if variant.accuracy is not None:
+        entry["accuracy"] = variant.accuracy
+    return entry
 
 
 def _content_sha256(document: Mapping[str, Any]) -> str:
@@ -233,17 +305,37 @@ def _from_document(directory: Path, document: Mapping[str, Any]) -> Manifest:
             "mean": float(normalization["mean"]),
             "scale": float(normalization["scale"]),
         }),
+        variants=tuple(_variant(directory, entry) for entry in document.get("variants", [])),
     )
 
 
-def _model_file(directory: Path, role: str, entry: Mapping[str, Any]) -> ModelFile:
+def _variant(directory: Path, entry: Mapping[str, Any]) -> ModelVariant:
+    role, format, precision = str(entry["role"]), str(entry["format"]), str(entry["precision"])
+    if role not in ROLES or format not in FORMATS:
+        raise ValueError(f"variant {role}/{format} is not one of {ROLES} x {FORMATS}")
+    accuracy = entry.get("accuracy")
+    return ModelVariant(
+        role=role,
+        format=format,
+        precision=precision,
+        path=_model_file_path(directory, role, entry),
+        sha256=str(entry["sha256"]).lower(),
+        accuracy=None if accuracy is None else float(accuracy),
+    )
+
+
+def _model_file_path(directory: Path, role: str, entry: Mapping[str, Any]) -> Path:
     name = str(entry["file"])
     # A bare file name keeps a manifest from pointing outside its own directory.
     if Path(name).name != name or name in ("", ".", ".."):
         raise ValueError(f"{role} file {name!r} must be a file name inside the model directory")
+    return directory / name
+
+
+def _model_file(directory: Path, role: str, entry: Mapping[str, Any]) -> ModelFile:
     return ModelFile(
         role=role,
-        path=directory / name,
+        path=_model_file_path(directory, role, entry),
         sha256=str(entry["sha256"]).lower(),
         input_name=str(entry["input_name"]),
         input_shape=tuple(None if d is None else int(d) for d in entry["input_shape"]),
@@ -262,4 +354,26 @@ def _check_model_file(model: ModelFile, verify: bool) -> None:
             f"{model.role} model file {model.path} failed its checksum: expected sha256 "
             f"{model.sha256}, got {actual}. The file is corrupt or was replaced; "
             f"{REBUILD_HINT}"
+        )
+
+
+def check_variant(variant: ModelVariant, verify: bool = True) -> None:
+    """Check that a variant's file exists and, with `verify`, that its sha256 matches.
+
+    load_manifest checks only the four ONNX fp32 files, so that a start does not
+    hash every variant; callers check the variant they are about to load.
+    """
+    if not variant.path.exists():
+        raise ManifestError(
+            f"{variant.role} {variant.format} {variant.precision} model not found: "
+            f"{variant.path}; {REBUILD_HINT}"
+        )
+    if not verify:
+        return
+    actual = sha256_path(variant.path)
+    if actual != variant.sha256:
+        raise ManifestError(
+            f"{variant.role} {variant.format} {variant.precision} model {variant.path} failed "
+            f"its checksum: expected sha256 {variant.sha256}, got {actual}. The file is "
+            f"corrupt or was replaced; {REBUILD_HINT}"
         )
