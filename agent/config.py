@@ -45,11 +45,48 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    name: str = _option("onnxruntime", "inference library", choices=("onnxruntime",))
-    threads: int = _option(0, "intra-op threads; 0 means one per core", low=0, high=256)
-    providers: list[str] = _option(["CPUExecutionProvider"],
-                                   "ONNX Runtime execution providers, in order of preference")
-    batch_size: int = _option(8, "faces per embedder batch", low=1, high=1024)
+    name: str = _option("auto", "inference library; auto takes the tuned choice for this "
+                                "device, tuning on first start if there is none",
+                        choices=("auto", "onnxruntime", "tflite", "tensorflow"))
+    precision: str = _option("auto", "embedder precision; auto takes the tuned choice",
+                             choices=("auto", "fp32", "fp16", "int8"))
+    threads: int = _option(0, "intra-op threads; 0 means the device profile's core count",
+                           low=0, high=256)
+    providers: list[str] = _option([], "ONNX Runtime execution providers, in order of "
+                                       "preference; empty means the device profile's")
+    delegates: list[str] = _option([], "TFLite delegates (xnnpack, gpu), in order of "
+                                       "preference; empty means the device profile's")
+    batch_size: int = _option(0, "faces per embedder batch; 0 takes the tuned choice",
+                              low=0, high=1024)
+    cache_dir: Path = _option(Path("/var/lib/facenet-agent/cache"),
+                              "folder for tuning results and TensorRT engines")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    profile: str = _option("auto", "device profile name, such as jetson-tx2; auto detects "
+                                   "the board")
+    profiles_dir: Path | None = _option(None, "folder of device profile YAML files; unset "
+                                              "means the device_profiles folder of this "
+                                              "source tree")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    # Off by default so that a start never spends minutes unasked; deployments
+    # that want the tuned choice set it, or run `facenet-agent tune` once.
+    on_start: bool = _option(False, "tune on start when runtime.name is auto and no cached "
+                                    "result matches the models, runtimes and device")
+    tolerance: float = _option(0.05, "a batch size is the knee when its throughput is within "
+                                     "this fraction of the best", low=0.0, high=0.5)
+    max_accuracy_drop: float = _option(0.5, "percentage points of verification accuracy a "
+                                            "reduced precision may lose against fp32",
+                                       low=0.0, high=100.0)
+    eval_dataset: Path | None = _option(None, "folder of identities (DIR/<person>/*.jpg) for "
+                                              "the accuracy gate; unset uses the accuracy "
+                                              "that `models build` stored in the manifest")
+    seconds_per_point: float = _option(1.0, "seconds of timed runs per runtime, precision and "
+                                            "batch size", low=0.05, high=600.0)
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,6 @@ class MatchingConfig:
                                  "embeddings on", choices=("exact", "approximate", "auto"))
     approximate_min_rows: int = _option(100_000, "embeddings from which index: auto builds the "
                                                  "approximate index", low=1)
-
 
 
 @dataclass(frozen=True)
@@ -203,6 +239,8 @@ class Config:
     device_id: str = _option("", "unique id of this device, used in topics and the client id")
     models: ModelsConfig = _option(None, "model files")
     runtime: RuntimeConfig = _option(None, "inference runtime")
+    device: DeviceConfig = _option(None, "device profile")
+    tuning: TuningConfig = _option(None, "runtime, precision and batch size selection")
     source: SourceConfig = _option(None, "where frames come from")
     detection: DetectionConfig = _option(None, "MTCNN settings")
     alignment: AlignmentConfig = _option(None, "face crop settings")

@@ -18,7 +18,8 @@ from agent.detect import Face, MtcnnDetector
 from agent.embed import Embedder
 from agent.gallery import Gallery, Match
 from agent.models.manifest import Manifest, load_manifest
-from agent.runtimes import OnnxRuntime
+from agent.runtimes import ModelSession
+from agent.tune import Selection, StageChoice, load_variant
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +62,49 @@ class Pipeline:
         ]
 
 
-def build_pipeline(config: Config) -> Pipeline:
-    """Load and verify the models, open the gallery and warm the runtime up."""
+def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeline:
+    """Load and verify the models, open the gallery and warm the runtime up.
+
+    `selection` fixes the runtimes, precision and batch size; None resolves them
+    from the config, the tuning cache or a tuning run (see agent.selection).
+    """
     manifest = load_manifest(config.models.dir, verify=config.models.verify_sha256)
-    runtime = OnnxRuntime(threads=config.runtime.threads,
-                          providers=tuple(config.runtime.providers))
+    if selection is None:
+        from agent.selection import resolve_selection
+
+        selection = resolve_selection(config, manifest)
+
+    def load(role: str, choice: StageChoice) -> ModelSession:
+        return load_variant(manifest, role, choice, selection.threads,
+                            config.runtime.cache_dir, config.models.verify_sha256)
 
     detection = config.detection
     detector = MtcnnDetector(
-        runtime.load(manifest.pnet.path),
-        runtime.load(manifest.rnet.path),
-        runtime.load(manifest.onet.path),
+        load("pnet", selection.detector),
+        load("rnet", selection.detector),
+        load("onet", selection.detector),
         min_face_size=detection.min_face_size,
         scale_factor=detection.scale_factor,
         thresholds=(detection.thresholds[0], detection.thresholds[1], detection.thresholds[2]),
         max_input_side=detection.max_input_side,
     )
     embedder = Embedder(
-        runtime.load(manifest.embedder.path),
+        load("embedder", selection.embedder),
         output_name=manifest.embedder.outputs[0],
         embedding_size=manifest.embedding_size,
-        batch_size=config.runtime.batch_size,
+        batch_size=selection.embedder.batch_size,
     )
     gallery = Gallery(config.gallery.path, manifest.model_id, manifest.embedding_size)
 
     pipeline = Pipeline(manifest, detector, embedder, gallery, config)
     _warm_up(pipeline)
     log.info(
-        "pipeline ready: model %s, runtime %s (%s), batch size %d, gallery %s version %d "
-        "with %d identities",
-        manifest.model_id, config.runtime.name, embedder.session.provider,
-        config.runtime.batch_size, config.gallery.path, gallery.version, gallery.identity_count,
+        "pipeline ready: model %s, embedder on %s %s (%s), batch size %d, detector on %s %s, "
+        "gallery %s version %d with %d identities",
+        manifest.model_id, selection.embedder.runtime, selection.embedder.precision,
+        embedder.session.provider, selection.embedder.batch_size, selection.detector.runtime,
+        selection.detector.precision, config.gallery.path, gallery.version,
+        gallery.identity_count,
     )
     return pipeline
 

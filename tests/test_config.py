@@ -58,7 +58,7 @@ detection: {thresholds: [0.5, 0.6, 0.7]}
          r"detection.thresholds\[1\]: expected a finite number, got 'high'"),
         ({"detection": {"thresholds": [0.6, 0.7]}},
          "detection.thresholds: expected three scores between 0 and 1"),
-        ({"runtime": {"batch_size": 0}}, "runtime.batch_size: must be at least 1, got 0"),
+        ({"runtime": {"batch_size": -1}}, "runtime.batch_size: must be at least 0, got -1"),
         ({"runtime": "fast"}, "runtime: expected a mapping, got 'fast'"),
         ({"mqtt": {"tls": {"cert_file": "/c.pem"}}},
          "mqtt.tls: cert_file and key_file must be set together"),
