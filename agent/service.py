@@ -59,6 +59,7 @@ from agent.events import (
     identity_event,
     identity_topic,
 )
+from agent.gallery_sync import GallerySync, start_gallery_sync
 from agent.health import FaceRate, Heartbeat, RunStats, start_metrics_server
 from agent.pipeline import Pipeline, Recognition, build_pipeline
 from agent.sources import Frame, open_source
@@ -158,6 +159,7 @@ class _Session:
         self.stats = RunStats()
         self.face_rate = FaceRate(self.stats)
         self.pipeline: Pipeline | None = None
+        self.gallery_sync: GallerySync | None = None
         self.delivery: Delivery | None = None
         self.heartbeat: Heartbeat | None = None
         self.stop_metrics: Callable[[], None] | None = None
@@ -186,6 +188,8 @@ class _Session:
         )
         self.delivery = Delivery(config)
         self.delivery.start()
+        self.gallery_sync = start_gallery_sync(config, self.pipeline.gallery,
+                                               self.delivery.publisher, self.pipeline.manifest)
         health = config.health
         self.heartbeat = Heartbeat(
             self.delivery.publisher,
@@ -297,6 +301,8 @@ class _Session:
             self.heartbeat.stop()
         if self.stop_metrics is not None:
             self.stop_metrics()
+        if self.gallery_sync is not None:
+            self.gallery_sync.stop()
         if self.delivery is not None:
             self.delivery.close(timeout_s=min(self.config.service.drain_timeout_s, 5.0))
         if self.pipeline is not None:
