@@ -7,7 +7,7 @@ unreachable it publishes nothing, so events wait on disk and not in memory.
 Order: the events of one connection go out in seq order, and the broker forwards
 them in that order. After a reconnect paho first resends the events that had no
 PUBACK, so the forwarder sends nothing new until those are acknowledged. A
-consumer therefore sees the events in seq order, except for duplicates: an event
+consumer therefore receives the events in seq order, except for duplicates: an event
 whose PUBACK was lost, or that was sent before a kill -9, arrives again. Delivery
 is at least once, and consumers drop duplicates by event_id.
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Seconds between checks for events older than the outbox's TTL.
 EXPIRE_INTERVAL_S = 1.0
-# Longest sleep of the thread when nothing wakes it.
+# Maximum sleep of the thread when nothing wakes it.
 IDLE_WAIT_S = 0.5
 
 

@@ -18,8 +18,8 @@ PUBACK, so a slow or absent broker fills the disk-bounded outbox, not memory.
 
 Lifecycle hook points, for a `Lifecycle` such as agent.notify.Notifier:
 - `ready(status)`: once the models are loaded and warmed up, the outbox is open
-  and the MQTT client is started (the broker may still be unreachable); again
-  after each reload.
+  and the MQTT client is started. The broker may still be unreachable then. It is
+  called again after each reload.
 - `watchdog()`: once per main-loop iteration, at least every FRAME_WAIT_S
   seconds plus the time one frame takes to recognise.
 - `reloading(status)`: when SIGHUP's new config was valid and the running one
@@ -67,7 +67,7 @@ from agent.tracking import AppearanceUpdate, IouTracker, Observation
 
 log = logging.getLogger(__name__)
 
-# Longest wait of the main loop for a frame, so the watchdog hook and the stop
+# Maximum wait of the main loop for a frame, so the watchdog hook and the stop
 # and reload checks run even while a camera delivers nothing.
 FRAME_WAIT_S = 1.0
 

@@ -5,8 +5,8 @@ numbered events through agent.delivery.Delivery, the same path the run loop
 uses, and prints each one once the outbox committed it. A persistent broker
 session of an independent subscriber records what arrives.
 
-The outage test takes the broker down for OUTAGE_S seconds, 120 by default as
-the acceptance criterion asks; set FACENET_AGENT_OUTAGE_S to shorten it while
+The outage test takes the broker down for OUTAGE_S seconds, by default the 120
+that the acceptance criterion sets; set FACENET_AGENT_OUTAGE_S to shorten it while
 developing.
 """
 
@@ -182,7 +182,7 @@ def test_outage_every_event_arrives_in_order(tmp_path: Path,
     assert indexes == sorted(indexes)
 
     # During the outage the events wait on disk: the client's in-memory queue never
-    # holds more than the forwarder's window, and resident memory stays flat.
+    # contains more than the forwarder's window, and resident memory stays flat.
     assert max(s["pending"] for s in outage_stats) <= 16
     assert max(s["depth"] for s in outage_stats) >= RATE * OUTAGE_S * 0.9
     early = outage_stats[len(outage_stats) // 10]["rss_kb"]
@@ -342,7 +342,8 @@ def test_acl_refusal_keeps_events_and_logs(tmp_path: Path,
             delivery.submit(identity_topic("facenet", "gate-02"),
                             {"event_id": f"denied-{index}", "index": index})
 
-        assert wait_until(lambda: delivery is not None and delivery.forwarder.refused_count >= 3)
+        forwarder = delivery.forwarder
+        assert wait_until(lambda: forwarder.refused_count >= 3)
         assert not delivery.wait_until_delivered(0.5)
         assert delivery.outbox.depth == 3
         refusals = [r for r in caplog.records if "broker rejected event" in r.getMessage()]

@@ -71,10 +71,10 @@ class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
-        self._lock2 = threading.Lock()
+        self._lines_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        with self._lock2:
+        with self._lines_lock:
             self.lines.append(record.getMessage())
 
 
