@@ -56,7 +56,7 @@ class DeviceProfile:
     detect: DetectionRules = field(default_factory=DetectionRules)
     cores: int = 0  # 0 means os.cpu_count()
     memory_budget_mb: int = 1024  # resident memory the agent's models may use
-    latency_budget_ms: float = 1000.0  # longest embedder batch run allowed per frame
+    latency_budget_ms: float = 1000.0  # maximum time of one embedder batch, per frame
     runtimes: list[RuntimeChoice] = field(default_factory=list)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
@@ -114,7 +114,7 @@ def load_profiles(directory: Path) -> dict[str, DeviceProfile]:
 
 @dataclass(frozen=True)
 class MachineFacts:
-    """What detection looks at, read once so tests can supply their own."""
+    """Machine properties that detection compares, read once so tests can supply their own."""
 
     device_tree_model: str
     existing_files: frozenset[str]

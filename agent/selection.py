@@ -1,9 +1,10 @@
 """Decide which runtime, precision and batch size the pipeline uses, and log why.
 
-In order: an explicit `runtime.name` in the config; the cached tuning result
-for these models, runtimes and device; a tuning run on this start
-(`tuning.on_start`); else the first installed runtime of the device profile
-in fp32. Explicit `runtime.precision` and `runtime.batch_size` override any of these.
+The first that applies wins. An explicit `runtime.name` in the config comes
+first, then the cached tuning result for these models, runtimes and device,
+then a tuning run on this start (`tuning.on_start`). Otherwise the pipeline
+uses the first installed runtime of the device profile, in fp32. Explicit
+`runtime.precision` and `runtime.batch_size` override any of these.
 """
 
 from __future__ import annotations

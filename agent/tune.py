@@ -4,9 +4,9 @@ For the embedder, the sweep covers every installed runtime of the device
 profile x every precision the profile allows and the manifest has x the
 profile's batch sizes. Each point is timed on random prewhitened-like input
 for `seconds_per_point` seconds. Throughput rises with the batch size up to a
-knee and then stays flat, so a runtime and precision stop climbing once two
-larger batches in a row fail to beat the best by more than the tolerance
-(`exhaustive=True` measures every point).
+knee and then stays flat. So the sweep of one runtime and precision stops once
+two larger batches in a row fail to beat its best by more than the tolerance,
+unless `exhaustive=True` asks for every point.
 
 A point is rejected when its batch takes longer than the profile's latency
 budget, when loading and running it grows the process by more than the memory
@@ -51,7 +51,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 @dataclass(frozen=True)
 class StageChoice:
-    """How one model is run: on which runtime, in which precision and batch size."""
+    """Runtime, accelerators, precision and batch size for one model."""
 
     runtime: str
     precision: str
@@ -69,7 +69,7 @@ class Selection:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One timed point of the sweep; `rejected` says why it may not be chosen."""
+    """One timed point of the sweep; `rejected` is why it may not be chosen ("" if it may)."""
 
     role: str  # "embedder" or "detector"
     runtime: str
@@ -131,8 +131,8 @@ def time_batches(session: ModelSession, batch: np.ndarray, seconds: float) -> fl
 
 
 def embedder_input(batch_size: int, image_size: int) -> np.ndarray:
-    # Prewhitened crops have zero mean and unit variance; int8 kernels do not
-    # speed up or slow down with the values, so random data times the same.
+    # Prewhitened crops have zero mean and unit variance. The kernels' speed does
+    # not depend on the values, so random data times the same as real faces.
     rng = np.random.default_rng(batch_size)
     return rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)
 

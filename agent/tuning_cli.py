@@ -85,7 +85,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _progress(done: int, total: int, what: str) -> None:
-    # One line per point: the sweep takes minutes and each line says what it measures.
+    # One line per point, because the sweep takes minutes and each line names its point.
     print(f"[{done:>3}/{total}] {what}", file=sys.stderr, flush=True)
 
 
