@@ -327,12 +327,12 @@ class _Session:
             "model_id": pipeline.manifest.model_id if pipeline is not None else None,
             "gallery_version": self.gallery_version,
             "runtime": {
-                "name": config.runtime.name,
+                "name": getattr(session, "runtime", config.runtime.name),
                 "provider": getattr(session, "provider", None),
-                # NOTE: the ONNX models built today are float32 only; a runtime that
-                # loads another precision is expected to set `precision` on its session.
+                # NOTE: model sessions do not record the precision they were loaded
+                # with, so this reads fp32 unless a runtime sets `precision` on them.
                 "precision": getattr(session, "precision", "fp32"),
-                "batch_size": config.runtime.batch_size,
+                "batch_size": pipeline.embedder.batch_size if pipeline is not None else None,
             },
             "events_mode": config.events.mode,
             "faces_per_second": round(self.face_rate.sample(), 3),

@@ -161,7 +161,8 @@ def test_agent_lifecycle_with_signals(tmp_path: Path, persistent_broker: Mosquit
         assert HEARTBEAT_KEYS <= set(heartbeat)
         assert heartbeat["device_id"] == DEVICE_ID
         assert heartbeat["gallery_version"] == 1
-        assert heartbeat["runtime"]["batch_size"] == 8
+        assert heartbeat["runtime"]["batch_size"] >= 1
+        assert heartbeat["runtime"]["name"] == "onnxruntime"
         assert heartbeat["runtime"]["precision"] == "fp32"
 
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
