@@ -29,7 +29,8 @@ def knee_rows(measurements: Iterable[Measurement], tolerance: float) -> list[dic
         best = min(points, key=lambda p: p.ms_per_face)
         knee = min((p for p in points if p.ms_per_face <= best.ms_per_face * (1 + tolerance)),
                    key=lambda p: p.batch_size)
-        rejected = sorted({p.rejected for p in points if p.rejected})
+        rejected = [f"batch {p.batch_size}: {p.rejected}"
+                    for p in sorted(points, key=lambda p: p.batch_size) if p.rejected]
         rows.append({
             "runtime": runtime,
             "precision": precision,

@@ -52,13 +52,16 @@ def test_missing_runtime_names_package(tmp_path, model_dir):
         build_pipeline(config_for(tmp_path, model_dir, missing))
 
 
-def test_pipeline_recognizes_val_faces(tmp_path, model_dir, example_data):
+@pytest.mark.parametrize("runtime", ["auto", *EXPECTED_RUNTIMES.get(ONLY, [])])
+def test_pipeline_recognizes_val_faces(tmp_path, model_dir, example_data, runtime):
     from agent.enroll import enroll_folder
     from agent.images import read_image
     from agent.pipeline import build_pipeline
 
-    pipeline = build_pipeline(config_for(tmp_path, model_dir))
-    assert pipeline.embedder.session.runtime == ONLY
+    pipeline = build_pipeline(config_for(tmp_path, model_dir, runtime))
+    # auto takes the first installed runtime in the x86_64-generic profile's order.
+    expected = EXPECTED_RUNTIMES[ONLY][0] if runtime == "auto" else runtime
+    assert pipeline.embedder.session.runtime == expected
     report = enroll_folder(pipeline, example_data / "train")
     assert len(report.identities) == 5
 
@@ -69,7 +72,7 @@ def test_pipeline_recognizes_val_faces(tmp_path, model_dir, example_data):
         if recognitions:
             best = max(recognitions, key=lambda r: r.face.score)
             correct += best.match.identity_id == photo.parent.name
-    print(f"{ONLY}: {correct} of {len(photos)} val photos recognised")
+    print(f"{ONLY} ({runtime}): {correct} of {len(photos)} val photos recognised")
     assert correct >= 20
     pipeline.gallery.close()
 
