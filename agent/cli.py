@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="write only the four ONNX fp32 models, without TFLite, SavedModel "
                             "and int8 variants (which need TensorFlow and take minutes)")
     build.set_defaults(handler=_models_build)
+    verify = models_commands.add_parser(
+        "verify", help="check a model folder's files against its manifest.json; exit 0 if "
+                       "all match")
+    verify.add_argument("folder", type=Path, help="folder with manifest.json")
+    verify.add_argument("--formats", default="onnx,tflite,savedmodel",
+                        help="comma-separated variant formats that must be present "
+                             "(default: onnx,tflite,savedmodel); the four ONNX fp32 models "
+                             "are always checked")
+    verify.set_defaults(handler=_models_verify)
 
     enroll = commands.add_parser(
         "enroll", help="enrol identities from DIR/<person>/*.jpg into the gallery")
@@ -98,6 +107,22 @@ def _models_build(args: argparse.Namespace) -> int:
     manifest_path = build_models(args.out, args.cache or default_cache_dir(),
                                  variants=not args.no_variants)
     print(manifest_path)
+    return 0
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    from agent.models.manifest import FORMATS
+    from agent.models.verify import verify_model_dir
+
+    formats = tuple(name.strip() for name in args.formats.split(",") if name.strip())
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        print(f"facenet-agent: --formats: unknown format {unknown[0]!r}; expected some of "
+              f"{', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    report = verify_model_dir(args.folder, formats)
+    print(f"{report.directory}: {report.checked} model files match manifest.json, "
+          f"{report.skipped} variants in other formats not checked")
     return 0
 
 
