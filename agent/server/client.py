@@ -46,6 +46,7 @@ class ServerClient:
         self._early: set[int] = set()
         self._subscriptions: dict[str, tuple[int, MessageCallback]] = {}
         self._connect_hooks: list[Callable[[], None]] = []
+        self._stopping = False
 
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5)
@@ -85,6 +86,8 @@ class ServerClient:
         self._client.loop_start()
 
     def stop(self) -> None:
+        with self._state:
+            self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         log.info("server MQTT client %s: stopped", self.client_id)
@@ -158,8 +161,9 @@ class ServerClient:
                        properties: Properties | None) -> None:
         with self._state:
             was_connected, self._connected = self._connected, False
+            stopping = self._stopping
             self._state.notify_all()
-        if was_connected:
+        if was_connected and not stopping:
             log.warning("server MQTT client %s: connection lost (%s); reconnecting",
                         self.client_id, reason_code.getName())
 

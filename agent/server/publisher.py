@@ -60,8 +60,10 @@ def load_signing_key(path: Path) -> Any:
 
     try:
         seed = base64.b64decode(path.read_text(encoding="ascii").strip(), validate=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the signing key {path}: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read the signing key {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ValueError(f"signing key {path} is not base64 text: {exc}") from exc
     if len(seed) != 32:
         raise ValueError(f"signing key {path} must hold a base64 32-byte Ed25519 seed")
     return SigningKey(seed)
@@ -96,6 +98,10 @@ class Publication:
     manifest: Manifest
     new_objects: dict[tuple[str, int], bytes]
     dropped: tuple[ObjectInfo, ...]  # objects of the previous manifest no longer listed
+
+
+class PublishError(RuntimeError):
+    """A version that cannot be published with these settings; the message names the fix."""
 
 
 class GalleryPublisher:
@@ -201,8 +207,9 @@ class GalleryPublisher:
         """Commit and send the next version; returns it, or None when nothing changed."""
         publication = self.prepare(group, force_snapshot)
         if publication is None:
-            log.info("group %s: nothing changed since version %d", group,
-                     self.store.group_info(group).version)
+            # DEBUG, because `serve` polls every publish.poll_interval_s.
+            log.debug("group %s: nothing changed since version %d", group,
+                      self.store.group_info(group).version)
             return None
         self.send(publication.manifest, publication.new_objects, publication.dropped)
         return publication.version

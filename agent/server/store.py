@@ -325,12 +325,17 @@ class SqliteStore(ServerStore):
     """The store in one SQLite file, in WAL mode so readers never block the writer."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.description = str(path)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA.format(blob="BLOB", serial="INTEGER PRIMARY KEY"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA.format(blob="BLOB", serial="INTEGER PRIMARY KEY"))
+        except (OSError, sqlite3.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreError(f"cannot open the SQLite store {path}: {reason}; set store.path "
+                             "to a file in a folder this user can write") from exc
         self._depth = 0
 
     @contextmanager
@@ -376,7 +381,18 @@ class PostgresStore(ServerStore):
         except ImportError as exc:
             raise StoreError("store.backend postgresql needs psycopg; install the server extra "
                              "with pip install 'facenet-edge-agent[server]'") from exc
-        self._conn = psycopg.connect(dsn, autocommit=True)
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=True)
+        except psycopg.ProgrammingError as exc:
+            # Its message can quote part of the DSN, which may contain a password.
+            raise StoreError("store.dsn is not a valid libpq connection string; expected "
+                             "key=value pairs such as 'host=db dbname=facenet'") from exc
+        except psycopg.Error as exc:
+            # A connection failure names the host and port, not the password.
+            reason = " ".join(str(exc).split())
+            raise StoreError(f"cannot connect to the PostgreSQL store of store.dsn: {reason}; "
+                             "check store.dsn and that the database server accepts "
+                             "connections") from exc
         info = self._conn.info
         self.description = f"postgresql://{info.host}:{info.port}/{info.dbname}"
         with self._conn.transaction():
