@@ -232,6 +232,10 @@ class SyncConfig:
                                            "the server to publish again", low=0.1, high=86_400.0)
     resync_interval_s: float = _option(30.0, "least seconds between two resync requests",
                                        low=0.1, high=86_400.0)
+    first_sync_wait_s: float = _option(0.0, "seconds the agent waits at start, before reading "
+                                            "frames, for its first gallery from the server when "
+                                            "it has never synced; 0 starts at once",
+                                       low=0.0, high=3600.0)
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,17 @@ class GallerySync:
         self._transfers.clear()
         log.info("gallery sync %s: stopped at version %d", self.device_id, self.gallery.version)
 
+    def wait_for_version(self, timeout_s: float) -> bool:
+        """Block until the gallery has a synced version (1 or more); False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.gallery.version == 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                return False
+            with self._idle:
+                self._idle.wait(min(remaining, 0.1))
+        return True
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until every queued message has been handled; for tests and benchmarks."""
         deadline = time.monotonic() + timeout_s
@@ -604,4 +615,12 @@ def start_gallery_sync(config: Config, gallery: Gallery, publisher: Publisher,
         metric=model.metric,
     )
     sync.start()
+    wait_s = config.sync.first_sync_wait_s
+    if wait_s > 0 and gallery.version == 0:
+        log.info("gallery sync %s: waiting up to %.3g s for the first gallery of group %s",
+                 config.device_id, wait_s, config.sync.group)
+        if not sync.wait_for_version(wait_s):
+            log.warning("gallery sync %s: no gallery from group %s within sync.first_sync_wait_s "
+                        "(%.3g s); starting with an empty gallery, so every face is unknown "
+                        "until one arrives", config.device_id, config.sync.group, wait_s)
     return sync
