@@ -287,6 +287,10 @@ class PublishConfig:
                                high=256 * 1024 * 1024)
     max_deltas: int = _option(32, "deltas since the last snapshot before a new snapshot is "
                                   "published", low=0, high=10_000)
+    max_manifest_bytes: int = _option(128 * 1024, "largest signed manifest message; older "
+                                                  "deltas leave the manifest to stay under it. "
+                                                  "Keep it below the broker's maximum packet "
+                                                  "size", low=4096, high=256 * 1024 * 1024)
     resync_min_interval_s: float = _option(10.0, "least seconds between two republications "
                                                  "of a group's snapshot on device request",
                                            low=0.0, high=86_400.0)

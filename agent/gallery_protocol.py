@@ -11,6 +11,11 @@ docs/protocol.md is the reference for the topics and the message layouts. In sho
 - Snapshots and deltas are binary objects (a JSON header, then float32 rows),
   split into chunks of at most `chunk_bytes` so that no message exceeds the
   broker's maximum packet size.
+- An object of more than INLINE_CHUNKS_MAX chunks keeps its chunk digests in
+  a digest list (the raw 32-byte sha256 values, concatenated). The list is
+  published in chunks of its own, and the manifest carries their digests. This
+  keeps the manifest small: a 1M-identity snapshot of about
+  4,400 chunks needs two digest-list chunks at 128 KiB.
 
 Every parse function here raises ProtocolError with a short `reason` code, which
 the agent puts in its log line so that each kind of rejection can be told apart.
@@ -25,7 +30,7 @@ import json
 import math
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,10 @@ MAX_VERSION = 2**53  # JSON numbers above this lose precision in many decoders
 UNIT_NORM_TOLERANCE = 1e-3
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+DIGEST_BYTES = 32  # sha256
+# Objects with more chunks than this list their chunk digests in a digest list
+# rather than in the manifest, where each digest takes 67 bytes of JSON.
+INLINE_CHUNKS_MAX = 64
 
 
 class ProtocolError(ValueError):
@@ -68,21 +77,38 @@ def chunk_topic(prefix: str, group: str, kind: str, version: int, index: int) ->
     return f"{group_topic(prefix, group)}/{kind}/{version}/{index}"
 
 
+def digest_chunk_topic(prefix: str, group: str, kind: str, version: int, index: int) -> str:
+    return f"{group_topic(prefix, group)}/{kind}/{version}/digests/{index}"
+
+
 def resync_topic(prefix: str, group: str) -> str:
     return f"{group_topic(prefix, group)}/resync"
 
 
-def parse_chunk_topic(prefix: str, group: str, topic: str) -> tuple[str, int, int]:
-    """Return (kind, version, chunk index) of a chunk topic; raise ProtocolError otherwise."""
+@dataclass(frozen=True)
+class ChunkAddress:
+    """Address of a chunk: part of an object's data, or part of its digest list."""
+
+    kind: str
+    version: int
+    index: int
+    digest_list: bool  # True for a chunk of the object's digest list
+
+
+def parse_chunk_topic(prefix: str, group: str, topic: str) -> ChunkAddress:
+    """Return the address of a data or digest-list chunk topic; raise ProtocolError otherwise."""
     base = group_topic(prefix, group) + "/"
     parts = topic[len(base):].split("/") if topic.startswith(base) else []
+    digest_list = len(parts) == 4 and parts[2] == "digests"
+    if digest_list:
+        del parts[2]
     if len(parts) != 3 or parts[0] not in KIND_CODES:
         raise ProtocolError("bad_topic", f"topic {topic!r} is not a chunk topic under {base}")
     kind, version_text, index_text = parts
     for text in (version_text, index_text):
         if not text.isdigit() or len(text) > 16 or (len(text) > 1 and text[0] == "0"):
             raise ProtocolError("bad_topic", f"topic {topic!r}: {text!r} is not a decimal number")
-    return kind, int(version_text), int(index_text)
+    return ChunkAddress(kind, int(version_text), int(index_text), digest_list)
 
 
 def check_group_name(group: str) -> None:
@@ -141,13 +167,19 @@ class ObjectInfo:
     base_version: int | None  # the version a delta applies to; None for a snapshot
     size: int
     sha256: str
-    chunks: tuple[str, ...]  # sha256 of each chunk, in order
+    chunk_count: int
+    # sha256 of each chunk, in order; empty when `digest_chunks` is set instead.
+    chunks: tuple[str, ...]
     identities: int
     embeddings: int
+    # sha256 of each chunk of the digest list, when the chunk digests travel
+    # in a digest list; empty when `chunks` is set.
+    digest_chunks: tuple[str, ...] = ()
 
     @property
-    def chunk_count(self) -> int:
-        return len(self.chunks)
+    def digest_list_size(self) -> int:
+        """Bytes of the digest list: one raw sha256 per chunk."""
+        return self.chunk_count * DIGEST_BYTES
 
 
 @dataclass(frozen=True)
@@ -272,19 +304,34 @@ def _object_info(raw: Any, kind: str, chunk_bytes: int) -> ObjectInfo:
     if kind == "delta":
         base_version = fields.integer("base_version", low=0, high=MAX_VERSION)
     size = fields.integer("size", low=_OBJECT_PREFIX.size, high=2**40)
-    chunks = fields.value("chunks", list)
-    if not all(isinstance(c, str) and _is_sha256(c) for c in chunks):
-        raise ProtocolError(
-            "invalid_manifest", f"manifest {kind} {version}: chunks must be sha256 hex strings"
-        )
+    chunk_count = fields.integer("chunk_count", low=1)
     expected_chunks = math.ceil(size / chunk_bytes)
-    if len(chunks) != expected_chunks or fields.integer("chunk_count", low=1) != len(chunks):
+    if chunk_count != expected_chunks:
         raise ProtocolError(
             "invalid_manifest",
-            f"manifest {kind} {version}: {len(chunks)} chunk digests and chunk_count "
-            f"{raw.get('chunk_count')!r}, but {size} bytes in chunks of {chunk_bytes} "
-            f"make {expected_chunks}",
+            f"manifest {kind} {version}: chunk_count {chunk_count}, but {size} bytes in "
+            f"chunks of {chunk_bytes} make {expected_chunks}",
         )
+
+    if ("chunks" in raw) == ("digest_chunks" in raw):
+        raise ProtocolError("invalid_manifest", f"manifest {kind} {version}: needs exactly one "
+                                                "of the fields 'chunks' and 'digest_chunks'")
+    listed = "digest_chunks" in raw
+    digests = fields.value("digest_chunks" if listed else "chunks", list)
+    if not all(isinstance(c, str) and _is_sha256(c) for c in digests):
+        raise ProtocolError(
+            "invalid_manifest", f"manifest {kind} {version}: chunk digests must be sha256 hex "
+                                "strings"
+        )
+    expected_digests = (math.ceil(chunk_count * DIGEST_BYTES / chunk_bytes) if listed
+                        else chunk_count)
+    if len(digests) != expected_digests:
+        raise ProtocolError(
+            "invalid_manifest",
+            f"manifest {kind} {version}: {len(digests)} "
+            f"{'digest-list chunk' if listed else 'chunk'} digests, expected {expected_digests}",
+        )
+
     sha256 = fields.text("sha256")
     if not _is_sha256(sha256):
         raise ProtocolError("invalid_manifest", f"manifest {kind} {version}: sha256 is not hex")
@@ -294,23 +341,28 @@ def _object_info(raw: Any, kind: str, chunk_bytes: int) -> ObjectInfo:
         base_version=base_version,
         size=size,
         sha256=sha256,
-        chunks=tuple(chunks),
+        chunk_count=chunk_count,
+        chunks=() if listed else tuple(digests),
         identities=fields.integer("identities", low=0),
         embeddings=fields.integer("embeddings", low=0),
+        digest_chunks=tuple(digests) if listed else (),
     )
 
 
 def object_entry(info: ObjectInfo) -> dict[str, Any]:
-    """The manifest's JSON entry for one object; the inverse of parsing it."""
+    """Build the manifest's JSON entry for one object; the inverse of parsing it."""
     entry: dict[str, Any] = {
         "version": info.version,
         "size": info.size,
         "sha256": info.sha256,
         "chunk_count": info.chunk_count,
-        "chunks": list(info.chunks),
         "identities": info.identities,
         "embeddings": info.embeddings,
     }
+    if info.digest_chunks:
+        entry["digest_chunks"] = list(info.digest_chunks)
+    else:
+        entry["chunks"] = list(info.chunks)
     if info.base_version is not None:
         entry["base_version"] = info.base_version
     return entry
@@ -518,17 +570,47 @@ def split_chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
 
 def describe_object(kind: str, data: bytes, *, version: int, base_version: int | None,
                     chunk_bytes: int, identities: int, embeddings: int) -> ObjectInfo:
-    """Build the manifest entry of an encoded object."""
+    """Build the manifest entry of an encoded object, with its chunk digests inline."""
+    chunks = tuple(hashlib.sha256(c).hexdigest() for c in split_chunks(data, chunk_bytes))
     return ObjectInfo(
         kind=kind,
         version=version,
         base_version=base_version,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        chunks=tuple(hashlib.sha256(c).hexdigest() for c in split_chunks(data, chunk_bytes)),
+        chunk_count=len(chunks),
+        chunks=chunks,
         identities=identities,
         embeddings=embeddings,
     )
+
+
+def encode_digest_list(chunks: Sequence[str]) -> bytes:
+    """Concatenate the raw sha256 values of an object's chunks: its digest list."""
+    return b"".join(bytes.fromhex(digest) for digest in chunks)
+
+
+def decode_digest_list(data: bytes, info: ObjectInfo) -> tuple[str, ...]:
+    """Split a digest list whose chunks matched `info.digest_chunks` into hex digests."""
+    if len(data) != info.digest_list_size:
+        raise ProtocolError("invalid_object", f"{info.kind} {info.version}: digest list has "
+                                              f"{len(data)} bytes, expected "
+                                              f"{info.digest_list_size}")
+    return tuple(data[i:i + DIGEST_BYTES].hex() for i in range(0, len(data), DIGEST_BYTES))
+
+
+def with_digest_list(info: ObjectInfo, chunk_bytes: int) -> tuple[ObjectInfo, bytes]:
+    """Move an object's chunk digests out of the manifest entry into a digest list.
+
+    Returns the new entry, which names the digest list's chunks, and the list itself,
+    which the server publishes in chunks of `chunk_bytes` beside the object.
+    """
+    if info.digest_chunks:
+        raise ValueError(f"{info.kind} {info.version} already has a digest list")
+    digest_list = encode_digest_list(info.chunks)
+    digest_chunks = tuple(hashlib.sha256(c).hexdigest()
+                          for c in split_chunks(digest_list, chunk_bytes))
+    return replace(info, chunks=(), digest_chunks=digest_chunks), digest_list
 
 
 # JSON helpers

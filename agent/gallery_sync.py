@@ -30,9 +30,11 @@ from typing import Any, BinaryIO, Protocol
 from agent.config import Config, SyncConfig
 from agent.gallery import Gallery, GalleryError
 from agent.gallery_protocol import (
+    ChunkAddress,
     Manifest,
     ObjectInfo,
     ProtocolError,
+    decode_digest_list,
     decode_object,
     decode_public_key,
     group_topic,
@@ -85,14 +87,25 @@ class _Transfer:
 
     info: ObjectInfo
     chunk_bytes: int
+    # sha256 of each chunk: from the manifest, or from the digest list once it is complete.
+    digests: tuple[str, ...] | None = None
     received: set[int] = field(default_factory=set)
     parts: dict[int, bytes] = field(default_factory=dict)  # deltas, in memory
+    digest_list_parts: dict[int, bytes] = field(default_factory=dict)
     spool_path: Path | None = None  # snapshots, on disk beside the gallery
     spool: BinaryIO | None = None
 
+    def __post_init__(self) -> None:
+        if not self.info.digest_chunks:
+            self.digests = self.info.chunks
+
     @property
     def complete(self) -> bool:
-        return len(self.received) == self.info.chunk_count
+        return self.digests is not None and len(self.received) == self.info.chunk_count
+
+    def chunk_size(self, index: int, digest_list: bool = False) -> int:
+        total = self.info.digest_list_size if digest_list else self.info.size
+        return min(self.chunk_bytes, total - index * self.chunk_bytes)
 
     def store(self, index: int, payload: bytes) -> None:
         if self.spool is not None:
@@ -109,13 +122,33 @@ class _Transfer:
         self.spool.seek(0)
         return self.spool.read()
 
-    def discard(self) -> None:
+    def find_spooled_chunks(self) -> int:
+        """Mark the chunks that an earlier run already wrote to the spool; return their count.
+
+        Each chunk counts only when its sha256 matches, so a torn write or another
+        object's leftovers are fetched again.
+        """
+        if self.spool is None or self.digests is None:
+            return 0
+        for index, digest in enumerate(self.digests):
+            if index in self.received:
+                continue
+            self.spool.seek(index * self.chunk_bytes)
+            if hashlib.sha256(self.spool.read(self.chunk_size(index))).hexdigest() == digest:
+                self.received.add(index)
+        return len(self.received)
+
+    def close(self) -> None:
+        """Close the spool and keep its file, so that the next run can resume from it."""
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+        self.parts.clear()
+
+    def discard(self) -> None:
+        self.close()
         if self.spool_path is not None:
             self.spool_path.unlink(missing_ok=True)
-        self.parts.clear()
 
 
 class _RejectLog:
@@ -173,9 +206,9 @@ class GallerySync:
         self._target: Manifest | None = None
         self._target_text_sha256 = ""
         self._transfers: dict[tuple[str, int], _Transfer] = {}
-        # (kind, version, chunk index, sha256) -> payload. The digest is part of
-        # the key, so a forged chunk cannot hide a good one on the same topic.
-        self._unverified: OrderedDict[tuple[str, int, int, str], bytes] = OrderedDict()
+        # (chunk address, sha256) -> payload. The digest is part of the key, so a
+        # forged chunk cannot hide a good one on the same topic.
+        self._unverified: OrderedDict[tuple[ChunkAddress, str], bytes] = OrderedDict()
         self._unverified_bytes = 0
         self._snapshot_filter: str | None = None
         self._last_progress = time.monotonic()
@@ -213,7 +246,7 @@ class GallerySync:
             log.warning("gallery sync %s: worker still busy after %.0f s at stop",
                         self.device_id, timeout_s)
         for transfer in self._transfers.values():
-            transfer.discard()
+            transfer.close()  # a snapshot's spool file stays for the next run to resume
         self._transfers.clear()
         log.info("gallery sync %s: stopped at version %d", self.device_id, self.gallery.version)
 
@@ -282,11 +315,11 @@ class GallerySync:
             self._handle_manifest(payload, mid)
             return
         try:
-            kind, version, index = parse_chunk_topic(self.prefix, self.group, topic)
+            address = parse_chunk_topic(self.prefix, self.group, topic)
         except ProtocolError as exc:
             self.rejected(exc.reason, "message mid %d: %s", mid, exc)
             return
-        self._handle_chunk(kind, version, index, payload, mid, topic)
+        self._handle_chunk(address, payload, mid, topic)
 
     def _handle_manifest(self, payload: bytes, mid: int) -> None:
         if not payload:
@@ -369,50 +402,94 @@ class GallerySync:
         for key in list(self._transfers):
             if key not in wanted or self._transfers[key].info != wanted[key]:
                 self._transfers.pop(key).discard()
+        self._remove_spools(keep=[v for kind, v in wanted if kind == "snapshot"])
         for key, info in wanted.items():
             if key not in self._transfers:
                 self._transfers[key] = self._new_transfer(info, target.chunk_bytes)
 
-        snapshot_filter = None
-        if (target.snapshot.kind, target.snapshot.version) in self._transfers:
-            snapshot_filter = (f"{group_topic(self.prefix, self.group)}/snapshot/"
-                               f"{target.snapshot.version}/+")
-        self._set_snapshot_filter(snapshot_filter)
+        self._update_snapshot_filter()
         self._last_progress = time.monotonic()
+        self._adopt_unverified()
+        self._apply_ready()
+
+    def _update_snapshot_filter(self) -> None:
+        """Subscribe to the target snapshot's digest list until it is complete, then its data.
+
+        Data chunks are requested only once their digests are known, so each is
+        checked as it arrives and nothing unverified is written to the spool.
+        """
+        target = self._target
+        transfer = None
+        if target is not None:
+            transfer = self._transfers.get(("snapshot", target.snapshot.version))
+        topic_filter = None
+        if target is not None and transfer is not None:
+            base = f"{group_topic(self.prefix, self.group)}/snapshot/{target.snapshot.version}"
+            topic_filter = f"{base}/+" if transfer.digests is not None else f"{base}/digests/+"
+        self._set_snapshot_filter(topic_filter)
+
+    def _adopt_unverified(self) -> None:
+        """Hand early chunks to the transfers that now expect them."""
         for early, payload in list(self._unverified.items()):
-            kind, version, index, _digest = early
-            transfer = self._transfers.get((kind, version))
-            if transfer is None:
+            address, _digest = early
+            transfer = self._transfers.get((address.kind, address.version))
+            if early not in self._unverified:
+                continue  # a completed digest list already adopted it, one call deeper
+            if transfer is None or (transfer.digests is None and not address.digest_list):
                 continue
             self._drop_unverified(early)
-            self._store_chunk(transfer, index, payload, -1)
-        self._apply_ready()
+            if address.digest_list:
+                self._store_digest_list_chunk(transfer, address.index, payload, -1)
+            else:
+                self._store_chunk(transfer, address.index, payload, -1)
 
     def _new_transfer(self, info: ObjectInfo, chunk_bytes: int) -> _Transfer:
         transfer = _Transfer(info, chunk_bytes)
         if info.kind == "snapshot":
             path = self._spool_path(info.version)
             transfer.spool_path = path
-            transfer.spool = path.open("w+b")
+            if path.exists():
+                # An earlier run stopped during this snapshot: keep what it wrote.
+                transfer.spool = path.open("r+b")
+                transfer.spool.truncate(info.size)
+                self._resume_spool(transfer)
+            else:
+                transfer.spool = path.open("w+b")
         return transfer
 
-    def _handle_chunk(self, kind: str, version: int, index: int, payload: bytes, mid: int,
+    def _resume_spool(self, transfer: _Transfer) -> None:
+        if transfer.spool is None or transfer.digests is None:
+            return
+        found = transfer.find_spooled_chunks()
+        if found:
+            log.info("gallery sync %s: resuming snapshot %d with %d of %d chunks from %s",
+                     self.device_id, transfer.info.version, found, transfer.info.chunk_count,
+                     transfer.spool_path)
+
+    def _handle_chunk(self, address: ChunkAddress, payload: bytes, mid: int,
                       topic: str) -> None:
-        if version <= self.gallery.version:
+        if address.version <= self.gallery.version:
             log.debug("gallery sync %s: chunk %s ignored, version %d is applied",
                       self.device_id, topic, self.gallery.version)
             return
-        transfer = self._transfers.get((kind, version))
-        if transfer is None:
-            if kind == "delta" and payload:
-                digest = hashlib.sha256(payload).hexdigest()
-                self._keep_unverified((kind, version, index, digest), payload)
+        transfer = self._transfers.get((address.kind, address.version))
+        if transfer is None or (transfer.digests is None and not address.digest_list):
+            if address.kind == "delta" and payload:
+                # Kept until a manifest or a digest list vouches for it.
+                self._keep_unverified((address, hashlib.sha256(payload).hexdigest()), payload)
+            else:
+                log.debug("gallery sync %s: chunk %s (mid %d) is not expected now; ignored",
+                          self.device_id, topic, mid)
             return
-        self._store_chunk(transfer, index, payload, mid)
+        if address.digest_list:
+            self._store_digest_list_chunk(transfer, address.index, payload, mid)
+        else:
+            self._store_chunk(transfer, address.index, payload, mid)
         self._apply_ready()
 
     def _store_chunk(self, transfer: _Transfer, index: int, payload: bytes, mid: int) -> None:
         info = transfer.info
+        assert transfer.digests is not None
         where = f"{info.kind} {info.version} chunk {index}"
         if index >= info.chunk_count:
             self.rejected("bad_chunk_index", "%s (mid %d): the manifest lists %d chunks",
@@ -422,22 +499,61 @@ class GallerySync:
             log.debug("gallery sync %s: %s (mid %d) is a duplicate; ignored",
                       self.device_id, where, mid)
             return
-        digest = hashlib.sha256(payload).hexdigest()
-        if digest != info.chunks[index]:
-            reason = "truncated" if len(payload) < self._chunk_size(transfer, index) else "digest"
-            self.rejected(reason, "%s (mid %d): %d bytes with sha256 %s, the signed manifest "
-                          "says %s", where, mid, len(payload), digest[:16], info.chunks[index][:16])
-            if info.kind == "delta":
-                # A newer manifest may list it; keep it until then.
-                self._keep_unverified((info.kind, info.version, index, digest), payload)
+        if not self._check_digest(transfer, ChunkAddress(info.kind, info.version, index, False),
+                                  payload, transfer.digests[index], mid):
             return
         transfer.store(index, payload)
         self._last_progress = time.monotonic()
 
-    @staticmethod
-    def _chunk_size(transfer: _Transfer, index: int) -> int:
-        start = index * transfer.chunk_bytes
-        return min(transfer.chunk_bytes, transfer.info.size - start)
+    def _store_digest_list_chunk(self, transfer: _Transfer, index: int, payload: bytes,
+                                 mid: int) -> None:
+        info = transfer.info
+        where = f"{info.kind} {info.version} digest-list chunk {index}"
+        if index >= len(info.digest_chunks):
+            self.rejected("bad_chunk_index", "%s (mid %d): the manifest lists %d digest-list "
+                          "chunks", where, mid, len(info.digest_chunks))
+            return
+        if transfer.digests is not None or index in transfer.digest_list_parts:
+            log.debug("gallery sync %s: %s (mid %d) is a duplicate; ignored",
+                      self.device_id, where, mid)
+            return
+        if not self._check_digest(transfer, ChunkAddress(info.kind, info.version, index, True),
+                                  payload, info.digest_chunks[index], mid):
+            return
+        transfer.digest_list_parts[index] = payload
+        self._last_progress = time.monotonic()
+        if len(transfer.digest_list_parts) < len(info.digest_chunks):
+            return
+        digest_list = b"".join(transfer.digest_list_parts[i]
+                               for i in range(len(info.digest_chunks)))
+        transfer.digest_list_parts.clear()
+        try:
+            transfer.digests = decode_digest_list(digest_list, info)
+        except ProtocolError as exc:
+            self.rejected(exc.reason, "%s: %s", where, exc)
+            return
+        log.debug("gallery sync %s: digest list of %s %d complete (%d chunks)",
+                  self.device_id, info.kind, info.version, info.chunk_count)
+        self._resume_spool(transfer)
+        self._update_snapshot_filter()
+        self._adopt_unverified()
+
+    def _check_digest(self, transfer: _Transfer, address: ChunkAddress, payload: bytes,
+                      expected: str, mid: int) -> bool:
+        """Return True when the payload's sha256 is the signed one; else log the rejection."""
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest == expected:
+            return True
+        part = "digest-list chunk" if address.digest_list else "chunk"
+        size = transfer.chunk_size(address.index, address.digest_list)
+        self.rejected("truncated" if len(payload) < size else "digest",
+                      "%s %d %s %d (mid %d): %d bytes with sha256 %s, the signed manifest "
+                      "says %s", address.kind, address.version, part, address.index, mid,
+                      len(payload), digest[:16], expected[:16])
+        if address.kind == "delta":
+            # A newer manifest may list it; keep it until then.
+            self._keep_unverified((address, digest), payload)
+        return False
 
     def _apply_ready(self) -> None:
         """Apply every complete object that follows the applied version, in order."""
@@ -566,7 +682,7 @@ class GallerySync:
         if topic_filter is not None:
             self.publisher.subscribe(topic_filter, self._on_message)
 
-    def _keep_unverified(self, key: tuple[str, int, int, str], payload: bytes) -> None:
+    def _keep_unverified(self, key: tuple[ChunkAddress, str], payload: bytes) -> None:
         if key in self._unverified:
             return
         self._unverified[key] = payload
@@ -577,22 +693,37 @@ class GallerySync:
                       self.device_id, oldest, UNVERIFIED_BYTES)
             self._drop_unverified(oldest)
 
-    def _drop_unverified(self, key: tuple[str, int, int, str]) -> None:
+    def _drop_unverified(self, key: tuple[ChunkAddress, str]) -> None:
         self._unverified_bytes -= len(self._unverified.pop(key))
 
     def _spool_path(self, version: int) -> Path:
         path = self.gallery.path
         return path.with_name(f"{path.name}.snapshot-{version}.part")
 
-    def _discard_stale_spools(self) -> None:
-        # NOTE: a snapshot transfer does not resume across agent restarts; its
-        # partial file is deleted here and the transfer starts again.
+    def _remove_spools(self, keep: list[int]) -> None:
+        """Delete partial snapshot files of versions other than `keep`."""
         path = self.gallery.path
-        for stale in path.parent.glob(f"{path.name}.snapshot-*.part"):
-            log.info("gallery sync %s: removing partial snapshot %s from an earlier run",
-                     self.device_id, stale)
+        for spool in path.parent.glob(f"{path.name}.snapshot-*.part"):
+            version_text = spool.name[len(f"{path.name}.snapshot-"):-len(".part")]
+            if version_text.isdigit() and int(version_text) in keep:
+                continue
+            log.info("gallery sync %s: removing partial snapshot %s, which the current "
+                     "manifest does not need", self.device_id, spool)
             with contextlib.suppress(OSError):
-                os.unlink(stale)
+                os.unlink(spool)
+
+    def _discard_stale_spools(self) -> None:
+        """Delete partial snapshots that are no newer than the gallery; keep the rest to resume."""
+        path = self.gallery.path
+        prefix = f"{path.name}.snapshot-"
+        keep = []
+        for spool in path.parent.glob(f"{prefix}*.part"):
+            version_text = spool.name[len(prefix):-len(".part")]
+            if version_text.isdigit() and int(version_text) > self.gallery.version:
+                keep.append(int(version_text))
+                log.info("gallery sync %s: keeping partial snapshot %s from an earlier run to "
+                         "resume it", self.device_id, spool)
+        self._remove_spools(keep)
 
 
 def start_gallery_sync(config: Config, gallery: Gallery, publisher: Publisher,

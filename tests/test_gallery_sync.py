@@ -29,12 +29,15 @@ from agent.gallery import Gallery
 from agent.gallery_protocol import (
     chunk_topic,
     describe_object,
+    digest_chunk_topic,
     encode_object,
     manifest_topic,
     object_entry,
     parse_manifest,
     resync_topic,
     sign_manifest,
+    split_chunks,
+    with_digest_list,
 )
 from agent.gallery_sync import GallerySync
 from agent.mqtt import MqttPublisher
@@ -351,7 +354,9 @@ def forge(key: SigningKey, *, version: int = 1, base: int | None = None,
           rows: np.ndarray | None = None, model_id: str = MODEL, size: int = SIZE,
           identities: list[tuple[str, str, str, np.ndarray]] | None = None,
           chunk_bytes: int = 1024, body_edit: Callable[[dict], None] | None = None,
-          data_edit: Callable[[bytes], bytes] | None = None) -> Forged:
+          data_edit: Callable[[bytes], bytes] | None = None,
+          digest_list: bool = False) -> Forged:
+    """Sign a manifest for one new object; `digest_list` moves its chunk digests to a list."""
     kind = "snapshot" if base is None else "delta"
     vectors = rows if rows is not None else unit_rows(2, version)
     changes = identities or [(f"forged-{version}", "Forged", "add", vectors)]
@@ -360,6 +365,11 @@ def forge(key: SigningKey, *, version: int = 1, base: int | None = None,
     info = describe_object(kind, data, version=version, base_version=base,
                            chunk_bytes=chunk_bytes, identities=len(changes),
                            embeddings=sum(len(c[3]) for c in changes))
+    list_chunks: dict[str, bytes] = {}
+    if digest_list:
+        info, list_data = with_digest_list(info, chunk_bytes)
+        list_chunks = {digest_chunk_topic(PREFIX, GROUP, kind, version, i): chunk
+                       for i, chunk in enumerate(split_chunks(list_data, chunk_bytes))}
     if data_edit is not None:
         data = data_edit(data)
     snapshot = info if kind == "snapshot" else replace(info, kind="snapshot", version=base or 1,
@@ -375,7 +385,7 @@ def forge(key: SigningKey, *, version: int = 1, base: int | None = None,
         body_edit(body)
     chunks = {chunk_topic(PREFIX, GROUP, kind, version, i // chunk_bytes):
               data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)}
-    return Forged(sign_manifest(body, key), chunks)
+    return Forged(sign_manifest(body, key), {**list_chunks, **chunks})
 
 
 def send(raw: RawClient, forged: Forged, chunks_first: bool = True) -> None:
@@ -632,3 +642,162 @@ def test_digest_of_forged_chunk_matches(server: Server) -> None:
     digests = [hashlib.sha256(c).hexdigest() for c in forged.chunks.values()]
 
     assert list(manifest.snapshot.chunks) == digests
+
+
+# Large objects: digest lists, the manifest size limit, resuming a snapshot
+
+
+def published_manifest(server: Server) -> Any:
+    return parse_manifest(server.store.group_info(GROUP).manifest or b"",
+                          bytes(server.key.verify_key))
+
+
+def test_digest_lists_reach_agent(server: Server, make_agent: Callable[..., Agent],
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    server.enrol(600)  # about 80 KB: 79 chunks of 1 KB, more than INLINE_CHUNKS_MAX
+    server.publisher.publish_group(GROUP)
+    agent = make_agent()
+    assert wait_until(lambda: agent.gallery.version == 1)
+
+    server.store.put_identities(GROUP, [(f"late-{i:04d}", "Late", unit_rows(2, 1000 + i),
+                                         ["late"] * 2) for i in range(550)])
+    server.publisher.publish_group(GROUP)
+    manifest = published_manifest(server)
+
+    assert manifest.snapshot.digest_chunks
+    assert not manifest.snapshot.chunks
+    assert manifest.delta(2) is not None
+    assert manifest.delta(2).digest_chunks  # type: ignore[union-attr]
+    assert wait_until(lambda: agent.gallery.version == 2)
+    assert agent.gallery.identity_count == 1150
+    assert "gallery sync rejected" not in caplog.text
+
+
+def test_forged_digest_list_rejected(synced: Agent, server: Server, raw: RawClient,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    forged = forge(server.key, version=2, base=1, digest_list=True,
+                   identities=[(f"p{i}", "P", "add", unit_rows(1, i)) for i in range(80)])
+    list_topic = digest_chunk_topic(PREFIX, GROUP, "delta", 2, 0)
+    good_list = forged.chunks[list_topic]
+    raw.publish(list_topic, bytes([good_list[0] ^ 1]) + good_list[1:])
+    for topic, chunk in forged.chunks.items():
+        if topic != list_topic:
+            raw.publish(topic, chunk)
+    raw.publish(manifest_topic(PREFIX, GROUP), forged.manifest, retain=True)
+
+    assert wait_until(lambda: "gallery sync rejected (digest)" in caplog.text)
+    assert "digest-list chunk 0" in caplog.text
+    assert synced.sync.wait_idle(TIMEOUT_S)
+    assert gallery_rows(synced.gallery.path) == (1, {"forged-1": 2})
+    raw.publish(list_topic, good_list)
+    assert wait_until(lambda: synced.gallery.version == 2)
+    assert synced.gallery.identity_count == 81
+
+
+def test_million_identity_manifest_fits(server: Server) -> None:
+    chunk_bytes = 128 * 1024
+    size = 1_000_000 * (128 * 4 + 70)  # rows and header of a 1M-identity snapshot, in bytes
+    count = -(-size // chunk_bytes)
+    inline = replace(
+        describe_object("snapshot", b"x" * 64, version=40, base_version=None,
+                        chunk_bytes=chunk_bytes, identities=1_000_000, embeddings=1_000_000),
+        size=size, chunk_count=count,
+        chunks=tuple(hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)))
+    listed, digest_list = with_digest_list(inline, chunk_bytes)
+    body = {
+        "schema": 1, "group": GROUP, "version": 40, "model_id": MODEL, "embedding_size": 128,
+        "metric": "euclidean", "chunk_bytes": chunk_bytes,
+        "published_at": "2026-01-01T00:00:00.000+00:00",
+        "snapshot": object_entry(inline), "deltas": [],
+    }
+    inline_message = sign_manifest(body, server.key)
+    body["snapshot"] = object_entry(listed)
+    listed_message = sign_manifest(body, server.key)
+
+    assert len(inline_message) > chunk_bytes  # the problem: 4,300 digests inline
+    assert len(listed_message) < 4096
+    assert len(listed.digest_chunks) == 2
+    assert len(digest_list) == count * 32
+    parsed = parse_manifest(listed_message, bytes(server.key.verify_key))
+    assert parsed.snapshot.chunk_count == count
+    assert parsed.snapshot.digest_chunks == listed.digest_chunks
+
+
+def test_old_deltas_leave_large_manifest(server: Server,
+                                         make_agent: Callable[..., Agent]) -> None:
+    server.publisher.settings = replace(server.publisher.settings, max_deltas=32,
+                                        max_manifest_bytes=4096)
+    server.enrol(200)
+    server.publisher.publish_group(GROUP)
+    behind = make_agent()
+    assert wait_until(lambda: behind.gallery.version == 1)
+    behind.sync.stop()
+    behind.client.stop(timeout_s=0.5)
+    behind.gallery.close()
+    for version in range(2, 22):
+        server.store.put_identity(GROUP, f"extra-{version}", "x", unit_rows(1, version), ["x"])
+        server.publisher.publish_group(GROUP)
+    message = server.store.group_info(GROUP).manifest or b""
+    manifest = published_manifest(server)
+
+    assert len(message) <= 4096
+    assert manifest.version == 21
+    assert manifest.snapshot.version > 1  # added when the deltas outgrew the manifest
+    assert manifest.deltas
+    assert manifest.deltas[0].base_version is not None
+    assert manifest.deltas[0].base_version > 1
+    assert manifest.deltas[-1].version == 21
+    restarted = make_agent()
+    assert wait_until(lambda: restarted.gallery.version == 21)
+    assert restarted.gallery.identity_count == 220
+
+
+def test_manifest_over_limit_not_published(server: Server) -> None:
+    from agent.server.publisher import PublishError
+
+    server.publisher.settings = replace(server.publisher.settings, max_manifest_bytes=4096)
+    server.enrol(20_000, per_identity=1)  # about 1.5 MB: a digest list of 46 chunks
+
+    with pytest.raises(PublishError, match="publish.max_manifest_bytes 4096"):
+        server.publisher.publish_group(GROUP)
+    assert server.store.group_info(GROUP).version == 0
+
+
+def test_snapshot_resumes_after_restart(server: Server, make_agent: Callable[..., Agent],
+                                        raw: RawClient, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent.gallery_sync")
+    server.enrol(800)  # about 105 chunks, so the digests travel in a digest list
+    publication = server.publisher.prepare(GROUP)
+    assert publication is not None
+    snapshot = publication.manifest.snapshot
+    assert snapshot.digest_chunks
+    data = publication.new_objects[("snapshot", 1)]
+    _, digest_list = with_digest_list(describe_object(
+        "snapshot", data, version=1, base_version=None, chunk_bytes=1024,
+        identities=snapshot.identities, embeddings=snapshot.embeddings), 1024)
+    half = snapshot.chunk_count // 2
+    first = make_agent()
+    for index, chunk in enumerate(split_chunks(digest_list, 1024)):
+        raw.publish(digest_chunk_topic(PREFIX, GROUP, "snapshot", 1, index), chunk, retain=True)
+    for index, chunk in enumerate(split_chunks(data, 1024)[:half]):
+        raw.publish(chunk_topic(PREFIX, GROUP, "snapshot", 1, index), chunk, retain=True)
+    raw.publish(manifest_topic(PREFIX, GROUP), server.store.group_info(GROUP).manifest or b"",
+                retain=True)
+    assert wait_until(lambda: len(getattr(first.sync._transfers.get(("snapshot", 1)),
+                                          "received", ())) == half)
+    first.sync.stop()
+    first.client.stop(timeout_s=0.5)
+    first.gallery.close()
+
+    # The first half is gone from the broker: only the spool file still has it.
+    for index in range(half):
+        raw.publish(chunk_topic(PREFIX, GROUP, "snapshot", 1, index), b"", retain=True)
+    for index, chunk in enumerate(split_chunks(data, 1024)[half:], start=half):
+        raw.publish(chunk_topic(PREFIX, GROUP, "snapshot", 1, index), chunk, retain=True)
+    second = make_agent()
+
+    assert wait_until(lambda: second.gallery.version == 1)
+    assert f"resuming snapshot 1 with {half} of {snapshot.chunk_count} chunks" in caplog.text
+    assert second.gallery.identity_count == 800
+    assert not list(tmp_path.glob("gallery.db.snapshot-*.part"))

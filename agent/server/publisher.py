@@ -16,6 +16,7 @@ resync topic gets a snapshot at the current version again, at most once per
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -30,11 +31,14 @@ import paho.mqtt.client as mqtt
 
 from agent.config import PublishConfig
 from agent.gallery_protocol import (
+    INLINE_CHUNKS_MAX,
     SCHEMA_VERSION,
     Manifest,
     ObjectInfo,
     chunk_topic,
     describe_object,
+    digest_chunk_topic,
+    encode_digest_list,
     encode_object,
     manifest_topic,
     object_entry,
@@ -42,6 +46,7 @@ from agent.gallery_protocol import (
     resync_topic,
     sign_manifest,
     split_chunks,
+    with_digest_list,
 )
 from agent.server.client import ServerClient, describe
 from agent.server.store import ServerStore, StoredIdentity
@@ -138,48 +143,88 @@ class GalleryPublisher:
             data = encode_object("delta", group=group, version=version,
                                  base_version=info.version, model_id=info.model_id,
                                  embedding_size=info.embedding_size, changes=changes)
-            deltas.append(describe_object(
+            deltas.append(self._describe(
                 "delta", data, version=version, base_version=info.version,
-                chunk_bytes=self.settings.chunk_bytes, identities=len(changes),
-                embeddings=sum(len(c[3]) for c in changes)))
+                identities=len(changes), embeddings=sum(len(c[3]) for c in changes)))
             objects[("delta", version)] = data
 
         snapshot = previous.snapshot if previous is not None else None
-        if snapshot is None or force_snapshot or self._needs_snapshot(snapshot, deltas):
-            data = encode_object(
-                "snapshot", group=group, version=version, base_version=None,
-                model_id=info.model_id, embedding_size=info.embedding_size,
-                changes=[(i.identity_id, i.name, "add", i.vectors) for i in current])
-            snapshot = describe_object(
-                "snapshot", data, version=version, base_version=None,
-                chunk_bytes=self.settings.chunk_bytes, identities=len(current),
-                embeddings=sum(len(i.vectors) for i in current))
-            objects[("snapshot", version)] = data
-            deltas = self._trim_deltas(deltas, snapshot)
-
-        body = {
-            "schema": SCHEMA_VERSION,
-            "group": group,
-            "version": version,
-            "model_id": info.model_id,
-            "embedding_size": info.embedding_size,
-            "metric": info.metric,
-            "chunk_bytes": self.settings.chunk_bytes,
-            "published_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "snapshot": object_entry(snapshot),
-            "deltas": [object_entry(d) for d in deltas],
-        }
-        message = sign_manifest(body, self.signing_key)
+        new_snapshot = snapshot is None or force_snapshot or self._needs_snapshot(snapshot,
+                                                                                 deltas)
+        while True:
+            if new_snapshot:
+                data = encode_object(
+                    "snapshot", group=group, version=version, base_version=None,
+                    model_id=info.model_id, embedding_size=info.embedding_size,
+                    changes=[(i.identity_id, i.name, "add", i.vectors) for i in current])
+                snapshot = self._describe(
+                    "snapshot", data, version=version, base_version=None,
+                    identities=len(current), embeddings=sum(len(i.vectors) for i in current))
+                objects[("snapshot", version)] = data
+                deltas = self._trim_deltas(deltas, snapshot)
+            assert snapshot is not None
+            body = {
+                "schema": SCHEMA_VERSION,
+                "group": group,
+                "version": version,
+                "model_id": info.model_id,
+                "embedding_size": info.embedding_size,
+                "metric": info.metric,
+                "chunk_bytes": self.settings.chunk_bytes,
+                "published_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "snapshot": object_entry(snapshot),
+                "deltas": [object_entry(d) for d in deltas],
+            }
+            message = self._sign_within_limit(body, snapshot)
+            if message is not None:
+                break
+            if new_snapshot:
+                raise PublishError(
+                    f"group {group}: the manifest of version {version} has more than "
+                    f"publish.max_manifest_bytes {self.settings.max_manifest_bytes} bytes even "
+                    "with the snapshot alone; raise publish.chunk_bytes (fewer chunks to list) "
+                    "or publish.max_manifest_bytes")
+            # Deltas after the snapshot cannot leave the manifest, so a new
+            # snapshot at this version makes them all optional.
+            log.info("group %s: manifest of version %d over publish.max_manifest_bytes; "
+                     "adding a snapshot", group, version)
+            new_snapshot = True
         manifest = parse_manifest(message, self.public_key)
         keep = {(o.kind, o.version) for o in manifest.objects()}
+        # A new delta can leave at once when its version also has a new snapshot.
+        objects = {key: data for key, data in objects.items() if key in keep}
         self.store.commit_publication(group, version, message,
                                       digests if changes or previous is None else None,
                                       objects, keep)
         dropped = tuple(o for o in (previous.objects() if previous else ())
                         if (o.kind, o.version) not in keep)
         log.info("group %s: committed version %d (%d identities changed, snapshot %d, "
-                 "%d deltas)", group, version, len(changes), snapshot.version, len(deltas))
+                 "%d deltas)", group, version, len(changes), snapshot.version,
+                 len(manifest.deltas))
         return Publication(group, version, manifest, objects, dropped)
+
+    def _describe(self, kind: str, data: bytes, **fields: Any) -> ObjectInfo:
+        """Describe a new object, moving its chunk digests to a digest list when there are many."""
+        info = describe_object(kind, data, chunk_bytes=self.settings.chunk_bytes, **fields)
+        if info.chunk_count > INLINE_CHUNKS_MAX:
+            info, _ = with_digest_list(info, self.settings.chunk_bytes)
+        return info
+
+    def _sign_within_limit(self, body: dict[str, Any], snapshot: ObjectInfo) -> bytes | None:
+        """Sign the manifest, dropping deltas older than the snapshot while it is too large.
+
+        Devices that needed a dropped delta take the snapshot instead. Returns None
+        when the manifest is still over publish.max_manifest_bytes.
+        """
+        limit = self.settings.max_manifest_bytes
+        message = sign_manifest(body, self.signing_key)
+        while len(message) > limit and body["deltas"] \
+                and body["deltas"][0]["version"] <= snapshot.version:
+            dropped = body["deltas"].pop(0)
+            log.info("group %s: delta %d left the manifest to keep it under "
+                     "publish.max_manifest_bytes %d", body["group"], dropped["version"], limit)
+            message = sign_manifest(body, self.signing_key)
+        return message if len(message) <= limit else None
 
     def _needs_snapshot(self, snapshot: ObjectInfo, deltas: list[ObjectInfo]) -> bool:
         since = [d for d in deltas if d.version > snapshot.version]
@@ -216,12 +261,28 @@ class GalleryPublisher:
 
     def send(self, manifest: Manifest, objects: dict[tuple[str, int], bytes],
              dropped: tuple[ObjectInfo, ...] = ()) -> None:
-        """Publish the objects' chunks, then the manifest, then clear dropped objects."""
+        """Publish the objects' chunks, then the manifest, then clear dropped objects.
+
+        An object whose manifest entry names a digest list gets that list's chunks first.
+        """
         group = manifest.group
+        listed = {(o.kind, o.version): o for o in manifest.objects()}
         started = time.monotonic()
         chunks = 0
         for (kind, version), data in sorted(objects.items(), key=lambda item: item[0][1]):
-            for index, chunk in enumerate(split_chunks(data, manifest.chunk_bytes)):
+            parts = split_chunks(data, manifest.chunk_bytes)
+            info = listed[(kind, version)]
+            if info.digest_chunks:
+                digest_list = encode_digest_list(
+                    [hashlib.sha256(part).hexdigest() for part in parts])
+                for index, chunk in enumerate(split_chunks(digest_list, manifest.chunk_bytes)):
+                    if hashlib.sha256(chunk).hexdigest() != info.digest_chunks[index]:
+                        raise PublishError(f"group {group}: {kind} {version} in the store does "
+                                           "not match its signed digest list")
+                    self.client.publish(digest_chunk_topic(self.prefix, group, kind, version,
+                                                           index), chunk, retain=True)
+                    chunks += 1
+            for index, chunk in enumerate(parts):
                 self.client.publish(chunk_topic(self.prefix, group, kind, version, index), chunk,
                                     retain=True)
                 chunks += 1
@@ -232,6 +293,9 @@ class GalleryPublisher:
             for index in range(info.chunk_count):
                 self.client.publish(chunk_topic(self.prefix, group, info.kind, info.version,
                                                 index), b"", retain=True)
+            for index in range(len(info.digest_chunks)):
+                self.client.publish(digest_chunk_topic(self.prefix, group, info.kind,
+                                                       info.version, index), b"", retain=True)
         if not self.client.wait_for_delivery(DELIVERY_TIMEOUT_S):
             log.warning("group %s: %d messages of version %d still without PUBACK after %.0f s",
                         group, self.client.pending_count, manifest.version, DELIVERY_TIMEOUT_S)
