@@ -1,4 +1,5 @@
-"""Command line: `facenet-agent models build | enroll | run | check-config | wait-online`."""
+"""Command line: `facenet-agent models build | models verify | enroll | run | check-config`
+and `facenet-agent wait-online`."""
 
 from __future__ import annotations
 
@@ -141,11 +142,13 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from agent.notify import Notifier
     from agent.service import run_service
 
     config = load_config(args.config)
     _apply_log_level(args, config.log_level)
-    return run_service(args.config)
+    # Sends nothing unless systemd started the agent with NOTIFY_SOCKET set.
+    return run_service(args.config, lifecycle=Notifier())
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -36,6 +36,11 @@ SEND_TIMEOUT_S = 1.0
 # more of the interval for one slow main-loop iteration.
 WATCHDOG_PING_FRACTION = 0.25
 
+# Seconds added to a drain's timeout in STOPPING=1, for closing the MQTT
+# connection, the threads and the files after the drain. An estimate, not
+# measured on a board.
+CLOSE_MARGIN_S = 15.0
+
 
 class Notifier:
     """A sender of state changes to the service manager named in `$NOTIFY_SOCKET`.
@@ -74,8 +79,12 @@ class Notifier:
         return self._watchdog_interval_s
 
     def ready(self, status: str) -> None:
-        """Send READY=1: startup is complete and the service does its work."""
-        self.send({"READY": "1", "STATUS": status})
+        """Send READY=1: startup is complete and the service does its work.
+
+        A watchdog ping goes with it, because a reload ends with ready() after
+        loading the models, a stretch without main-loop iterations.
+        """
+        self.send({"READY": "1", "STATUS": status, **self._forced_ping()})
 
     def status(self, status: str) -> None:
         """Send a one-line status that `systemctl status` shows."""
@@ -97,18 +106,35 @@ class Notifier:
         self.send({"WATCHDOG": "1"})
 
     def reloading(self, status: str) -> None:
-        """Send RELOADING=1 before a config reload. Call `ready()` when the reload is done."""
+        """Send RELOADING=1 before a config reload. Call `ready()` when the reload is done.
+
+        A watchdog ping goes with it, so the drain and the model loading of the
+        reload get a whole watchdog interval.
+
+        NOTE: a reload whose drain and model loading together outlast WatchdogSec=
+        is taken for a hang; whether systemd watches a unit while it reloads is
+        not checked here.
+        """
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.send({"RELOADING": "1", "MONOTONIC_USEC": str(monotonic_usec), "STATUS": status})
+        self.send({"RELOADING": "1", "MONOTONIC_USEC": str(monotonic_usec), "STATUS": status,
+                   **self._forced_ping()})
 
     def stopping(self, status: str, timeout_s: float) -> None:
-        """Send STOPPING=1 and ask for `timeout_s` more seconds to finish stopping.
+        """Send STOPPING=1 and ask for time to drain for `timeout_s` seconds and close.
 
-        systemd extends its stop timeout to `timeout_s` from now
-        (EXTEND_TIMEOUT_USEC), so a drain may outlast `TimeoutStopSec=`.
+        EXTEND_TIMEOUT_USEC moves systemd's stop deadline to `timeout_s` plus
+        CLOSE_MARGIN_S from now, if that is later, so a drain may outlast
+        `TimeoutStopSec=`.
         """
-        extend_usec = max(int(timeout_s * 1_000_000), 1)
+        extend_usec = max(int((timeout_s + CLOSE_MARGIN_S) * 1_000_000), 1)
         self.send({"STOPPING": "1", "EXTEND_TIMEOUT_USEC": str(extend_usec), "STATUS": status})
+
+    def _forced_ping(self) -> dict[str, str]:
+        """Return WATCHDOG=1 when the watchdog is on, and restart the pacing from now."""
+        if self._watchdog_interval_s is None:
+            return {}
+        self._last_ping = self._clock()
+        return {"WATCHDOG": "1"}
 
     def send(self, fields: Mapping[str, str]) -> bool:
         """Send `fields` as one datagram; return False when it was not sent.

