@@ -155,7 +155,10 @@ class _StatusWatcher:
         if not connected:
             detail = "could not connect to the broker"
         elif state is None:
-            detail = f"no status message on {topic}. Has the agent ever connected?"
+            # mosquitto 2.0.11 grants a subscription that its ACL denies and then
+            # delivers nothing, which looks the same as an agent that never connected.
+            detail = (f"no status message on {topic}. Has the agent ever connected, and "
+                      "may this user read that topic under the broker's ACL?")
         else:
             detail = f"{device_id} still reports {state!r} on {topic}"
         return StatusResult(False, state, f"timed out after {timeout_s:.3g} s: {detail}")

@@ -191,3 +191,42 @@ def test_credential_outside_service_rejected(tmp_path: Path,
     assert result.returncode == 2
     assert "CREDENTIALS_DIRECTORY is not set" in result.stderr
     assert "--password-file" in result.stderr
+
+
+@pytest.mark.parametrize(("acl_lines", "online"), [
+    (["pattern write facenet/%u/#", "pattern read facenet/gallery/#"], False),
+    (["pattern write facenet/%u/#", "pattern read facenet/gallery/#",
+      "pattern read facenet/%u/status"], True),
+])
+def test_broker_acl_must_allow_status(tmp_path: Path, acl_lines: list[str],
+                                      online: bool) -> None:
+    executable = find_mosquitto()
+    mosquitto_passwd = shutil.which("mosquitto_passwd")
+    if executable is None or mosquitto_passwd is None:
+        pytest.skip("mosquitto or mosquitto_passwd not found; install the Debian package "
+                    "mosquitto")
+    passwords = tmp_path / "passwords"
+    for user in (DEVICE_ID, "admin"):
+        subprocess.run([mosquitto_passwd, "-b", *(["-c"] if user == DEVICE_ID else []),
+                        str(passwords), user, "secret"], check=True)
+    acl = tmp_path / "acl"
+    acl.write_text("\n".join(["user admin", "topic readwrite #", "", *acl_lines]) + "\n")
+    broker = MosquittoBroker(tmp_path / "mosquitto", executable=executable,
+                             extra_config=[f"password_file {passwords}", f"acl_file {acl}",
+                                           "allow_anonymous false"])
+    broker.start()
+    try:
+        publish_retained(broker, json.dumps({"state": "online"}).encode(),
+                         username="admin", password="secret")
+        password_file = tmp_path / "mqtt-password"
+        password_file.write_text("secret")
+        config = write_config(tmp_path / "agent.yaml", broker.port, username=DEVICE_ID,
+                              password_file=str(password_file))
+
+        result = wait_online(config, timeout=2.0)
+    finally:
+        broker.close()
+
+    assert (result.returncode == 0) is online, result.stdout + result.stderr
+    if not online:
+        assert "may this user read that topic under the broker's ACL?" in result.stdout
