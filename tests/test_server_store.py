@@ -174,3 +174,61 @@ def test_shared_collectors_store_each_event_once(mqtt_broker: MosquittoBroker,
     for client, _ in collectors:
         client.stop()
     reader.close()
+
+
+def test_store_without_digest_column_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE server_groups (group_id TEXT PRIMARY KEY, model_id TEXT NOT NULL,
+                embedding_size INTEGER NOT NULL, metric TEXT NOT NULL,
+                version BIGINT NOT NULL DEFAULT 0, manifest BLOB);
+            CREATE TABLE server_identities (group_id TEXT NOT NULL, identity_id TEXT NOT NULL,
+                name TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (group_id, identity_id));
+            CREATE TABLE server_embeddings (id INTEGER PRIMARY KEY, group_id TEXT NOT NULL,
+                identity_id TEXT NOT NULL, vector BLOB NOT NULL, source TEXT NOT NULL);
+            INSERT INTO server_groups (group_id, model_id, embedding_size, metric)
+                VALUES ('g', 'm', 4, 'euclidean');
+            INSERT INTO server_identities VALUES ('g', 'bob', 'Bob', 0);
+        """)
+        db.execute("INSERT INTO server_embeddings (group_id, identity_id, vector, source) "
+                   "VALUES ('g', 'bob', ?, 'a')", (rows(1, 5).tobytes(),))
+
+    store = SqliteStore(path)
+    store.put_identity("g", "alice", "Alice", rows(1, 6), ["b"])
+    digests = store.identity_digests("g")
+
+    assert digests == {i.identity_id: i.digest for i in store.identities("g")}
+    store.close()
+
+
+def test_small_delta_reads_changed_rows_only(tmp_path: Path) -> None:
+    from nacl.signing import SigningKey
+
+    from agent.config import PublishConfig
+    from agent.server.publisher import GalleryPublisher
+
+    store = SqliteStore(tmp_path / "server.db")
+    store.ensure_group("g", "m", 4, "euclidean")
+    store.put_identities("g", [(f"p{i}", "P", rows(1, i), ["s"]) for i in range(50)])
+    publisher = GalleryPublisher(store, None, SigningKey.generate(),  # type: ignore[arg-type]
+                                 "fn", PublishConfig(groups=["g"]))
+    assert publisher.prepare("g") is not None
+    reads: list[object] = []
+    read_identities = store.identities
+    store.identities = lambda group, ids=None: (  # type: ignore[method-assign]
+        reads.append(ids) or read_identities(group, ids))
+    store.put_identity("g", "p7", "Renamed", rows(1, 99), ["s"])
+    store.remove_identity("g", "p8")
+
+    publication = publisher.prepare("g")
+
+    assert publication is not None
+    assert reads == [["p7"]]
+    assert publication.version == 2
+    assert publication.manifest.snapshot.version == 1
+    assert publisher.prepare("g") is None
+    store.close()

@@ -49,7 +49,7 @@ from agent.gallery_protocol import (
     with_digest_list,
 )
 from agent.server.client import ServerClient, describe
-from agent.server.store import ServerStore, StoredIdentity
+from agent.server.store import GroupInfo, ServerStore, StoredIdentity
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +126,47 @@ class GalleryPublisher:
     # Building versions
 
     def prepare(self, group: str, force_snapshot: bool = False) -> Publication | None:
-        """Commit the next version of `group` to the store; None when nothing changed."""
-        info = self.store.group_info(group)
-        current = self.store.identities(group)
-        published = self.store.published_digests(group)
-        digests = {identity.identity_id: identity.digest for identity in current}
-        previous = self._stored_manifest(group)
-        changes = _diff(current, digests, published)
-        if not changes and previous is not None and not force_snapshot:
-            return None
+        """Commit the next version of `group` to the store; None when nothing changed.
 
+        A version that needs no new snapshot reads only the identity digests and
+        the embeddings of the changed identities, so a small delta stays cheap in a
+        large group. A snapshot and the delta beside it come from one read of
+        every identity, so that both describe the same gallery.
+        """
+        info = self.store.group_info(group)
+        previous = self._stored_manifest(group)
+        published = self.store.published_digests(group)
+        if previous is not None and not force_snapshot:
+            digests = self.store.identity_digests(group)
+            changed_ids = sorted(i for i, digest in digests.items() if published.get(i) != digest)
+            removed = sorted(set(published) - set(digests))
+            if not changed_ids and not removed:
+                return None
+            changed = self.store.identities(group, changed_ids)
+            publication = self._commit_version(info, previous, published, changed, removed,
+                                               current=None, force_snapshot=False)
+            if publication is not None:
+                return publication
+
+        current = self.store.identities(group)
+        changed = [i for i in current if published.get(i.identity_id) != i.digest]
+        removed = sorted(set(published) - {i.identity_id for i in current})
+        if not changed and not removed and previous is not None and not force_snapshot:
+            return None
+        return self._commit_version(info, previous, published, changed, removed,
+                                    current=current, force_snapshot=force_snapshot)
+
+    def _commit_version(self, info: GroupInfo, previous: Manifest | None,
+                        published: dict[str, str], changed: list[StoredIdentity],
+                        removed: list[str], current: list[StoredIdentity] | None,
+                        force_snapshot: bool) -> Publication | None:
+        """Build, sign and commit the next version from the changed and removed identities.
+
+        `current` is every identity of the group, needed for a snapshot. Without
+        it, returns None when the version needs a snapshot.
+        """
+        group = info.group
+        changes = _delta_changes(changed, published, removed, info.embedding_size)
         version = info.version + 1 if changes or previous is None else info.version
         objects: dict[tuple[str, int], bytes] = {}
         deltas = list(previous.deltas) if previous is not None else []
@@ -153,6 +184,8 @@ class GalleryPublisher:
                                                                                  deltas)
         while True:
             if new_snapshot:
+                if current is None:
+                    return None
                 data = encode_object(
                     "snapshot", group=group, version=version, base_version=None,
                     model_id=info.model_id, embedding_size=info.embedding_size,
@@ -189,13 +222,14 @@ class GalleryPublisher:
             log.info("group %s: manifest of version %d over publish.max_manifest_bytes; "
                      "adding a snapshot", group, version)
             new_snapshot = True
+
         manifest = parse_manifest(message, self.public_key)
         keep = {(o.kind, o.version) for o in manifest.objects()}
         # A new delta can leave at once when its version also has a new snapshot.
         objects = {key: data for key, data in objects.items() if key in keep}
-        self.store.commit_publication(group, version, message,
-                                      digests if changes or previous is None else None,
-                                      objects, keep)
+        digest_changes: dict[str, str | None] = {i.identity_id: i.digest for i in changed}
+        digest_changes.update(dict.fromkeys(removed))
+        self.store.commit_publication(group, version, message, digest_changes, objects, keep)
         dropped = tuple(o for o in (previous.objects() if previous else ())
                         if (o.kind, o.version) not in keep)
         log.info("group %s: committed version %d (%d identities changed, snapshot %d, "
@@ -388,24 +422,15 @@ class GalleryPublisher:
         self.republish(group, include_snapshot=True)
 
 
-def _diff(current: list[StoredIdentity], digests: dict[str, str],
-          published: dict[str, str]) -> list[tuple[str, str, str, Any]]:
-    """Delta operations that turn the published identities into the current ones."""
-    changes: list[tuple[str, str, str, Any]] = []
-    for identity in current:
-        before = published.get(identity.identity_id)
-        if before is None:
-            changes.append((identity.identity_id, identity.name, "add", identity.vectors))
-        elif before != digests[identity.identity_id]:
-            changes.append((identity.identity_id, identity.name, "update", identity.vectors))
-    current_ids = set(digests)
-    for identity_id in sorted(set(published) - current_ids):
-        changes.append((identity_id, "", "remove", _empty_rows(current)))
-    return changes
-
-
-def _empty_rows(current: list[StoredIdentity]) -> Any:
+def _delta_changes(changed: list[StoredIdentity], published: dict[str, str],
+                   removed: list[str], embedding_size: int) -> list[tuple[str, str, str, Any]]:
+    """Return the delta operations for the changed and removed identities."""
     import numpy as np
 
-    size = current[0].vectors.shape[1] if current else 1
-    return np.empty((0, size), dtype=np.float32)
+    changes: list[tuple[str, str, str, Any]] = [
+        (i.identity_id, i.name, "update" if i.identity_id in published else "add", i.vectors)
+        for i in changed
+    ]
+    no_rows = np.empty((0, embedding_size), dtype=np.float32)
+    changes += [(identity_id, "", "remove", no_rows) for identity_id in removed]
+    return changes

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS server_identities (
     identity_id TEXT NOT NULL,
     name TEXT NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL,
+    digest TEXT,                            -- StoredIdentity.digest, NULL in older stores
     PRIMARY KEY (group_id, identity_id)
 );
 CREATE TABLE IF NOT EXISTS server_embeddings (
@@ -122,6 +123,11 @@ class Sighting:
     payload: str
 
 
+# Identity ids per `IN (...)` query: with the group id, below the 999 parameters per
+# statement that SQLite allowed before version 3.32.
+IDS_PER_QUERY = 500
+
+
 class ServerStore(abc.ABC):
     """Identities, published versions and sightings; see the module docstring."""
 
@@ -139,6 +145,14 @@ class ServerStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def _columns(self, table: str) -> set[str]: ...
+
+    def _add_missing_columns(self) -> None:
+        """Add the columns that stores created by earlier versions lack."""
+        if "digest" not in self._columns("server_identities"):
+            self._execute("ALTER TABLE server_identities ADD COLUMN digest TEXT")
 
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
@@ -194,14 +208,15 @@ class ServerStore(abc.ABC):
         if len(sources) != len(rows):
             raise StoreError(f"identity {identity_id}: {len(rows)} embeddings but "
                              f"{len(sources)} sources")
+        digest = StoredIdentity(identity_id, name, rows).digest
         with self._transaction():
             self._execute("DELETE FROM server_embeddings WHERE group_id = ? AND identity_id = ?",
                           (group, identity_id))
             self._execute(
-                "INSERT INTO server_identities (group_id, identity_id, name, updated_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (group_id, identity_id) DO UPDATE SET "
-                "name = excluded.name, updated_at = excluded.updated_at",
-                (group, identity_id, name, time.time()))
+                "INSERT INTO server_identities (group_id, identity_id, name, updated_at, digest) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, identity_id) DO UPDATE SET "
+                "name = excluded.name, updated_at = excluded.updated_at, digest = excluded.digest",
+                (group, identity_id, name, time.time(), digest))
             self._executemany(
                 "INSERT INTO server_embeddings (group_id, identity_id, vector, source) "
                 "VALUES (?, ?, ?, ?)",
@@ -228,21 +243,52 @@ class ServerStore(abc.ABC):
                 (group, identity_id))
             return bool(cursor.rowcount)
 
-    def identities(self, group: str) -> list[StoredIdentity]:
-        """Every identity of the group, sorted by id, with its embeddings."""
+    def identities(self, group: str,
+                   identity_ids: Sequence[str] | None = None) -> list[StoredIdentity]:
+        """Return the group's identities, or those of `identity_ids`, sorted by id."""
         info = self.group_info(group)
-        names = dict(self._query(
-            "SELECT identity_id, name FROM server_identities WHERE group_id = ?", (group,)))
+        if identity_ids is None:
+            names = dict(self._query(
+                "SELECT identity_id, name FROM server_identities WHERE group_id = ?", (group,)))
+            rows = self._execute("SELECT identity_id, vector FROM server_embeddings "
+                                 "WHERE group_id = ? ORDER BY id", (group,))
+        else:
+            names, rows = self._some_identities(group, identity_ids)
         vectors: dict[str, list[bytes]] = {identity_id: [] for identity_id in names}
-        for identity_id, blob in self._execute(
-                "SELECT identity_id, vector FROM server_embeddings WHERE group_id = ? "
-                "ORDER BY id", (group,)):
+        for identity_id, blob in rows:
             vectors[identity_id].append(bytes(blob))
         return [
             StoredIdentity(identity_id, names[identity_id], np.frombuffer(
                 b"".join(vectors[identity_id]), dtype="<f4").reshape(-1, info.embedding_size))
             for identity_id in sorted(names)
         ]
+
+    def _some_identities(self, group: str, identity_ids: Sequence[str]
+                         ) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+        """Return names and (identity id, vector) rows of the listed identities that exist."""
+        names: dict[str, str] = {}
+        rows: list[tuple[str, bytes]] = []
+        for start in range(0, len(identity_ids), IDS_PER_QUERY):
+            part = list(identity_ids[start:start + IDS_PER_QUERY])
+            marks = ", ".join("?" * len(part))
+            names.update(self._query(
+                f"SELECT identity_id, name FROM server_identities WHERE group_id = ? "
+                f"AND identity_id IN ({marks})", (group, *part)))
+            rows += self._query(
+                f"SELECT identity_id, vector FROM server_embeddings WHERE group_id = ? "
+                f"AND identity_id IN ({marks}) ORDER BY id", (group, *part))
+        return names, rows
+
+    def identity_digests(self, group: str) -> dict[str, str]:
+        """Return the digest of every identity of the group, without reading its embeddings."""
+        digests = dict(self._query(
+            "SELECT identity_id, digest FROM server_identities WHERE group_id = ?", (group,)))
+        missing = [identity_id for identity_id, digest in digests.items() if digest is None]
+        if missing:
+            # Rows written before the digest column existed.
+            for identity in self.identities(group, missing):
+                digests[identity.identity_id] = identity.digest
+        return digests
 
     # Publications
 
@@ -255,14 +301,15 @@ class ServerStore(abc.ABC):
             "SELECT kind, version, data FROM published_objects WHERE group_id = ?", (group,))}
 
     def commit_publication(self, group: str, version: int, manifest: bytes,
-                           digests: dict[str, str] | None,
+                           digest_changes: dict[str, str | None],
                            new_objects: dict[tuple[str, int], bytes],
                            keep: set[tuple[str, int]]) -> None:
         """Record a published version in one transaction.
 
         Raises StoreError when another publisher has committed `version` first.
-        `digests` replaces the published identity digests unless it is None.
-        Objects not in `keep` are deleted.
+        `digest_changes` maps each identity that the version adds or updates to its
+        published digest, and each one it removes to None. Objects not in `keep`
+        are deleted.
         """
         with self._transaction():
             cursor = self._execute(
@@ -278,11 +325,14 @@ class ServerStore(abc.ABC):
                 if not same_version:
                     raise StoreError(f"group {group}: version {version} cannot follow the stored "
                                      "version; another publisher got there first")
-            if digests is not None:
-                self._execute("DELETE FROM published_identities WHERE group_id = ?", (group,))
-                self._executemany(
-                    "INSERT INTO published_identities (group_id, identity_id, digest) "
-                    "VALUES (?, ?, ?)", [(group, i, d) for i, d in sorted(digests.items())])
+            self._executemany(
+                "DELETE FROM published_identities WHERE group_id = ? AND identity_id = ?",
+                [(group, i) for i, d in sorted(digest_changes.items()) if d is None])
+            self._executemany(
+                "INSERT INTO published_identities (group_id, identity_id, digest) "
+                "VALUES (?, ?, ?) ON CONFLICT (group_id, identity_id) DO UPDATE SET "
+                "digest = excluded.digest",
+                [(group, i, d) for i, d in sorted(digest_changes.items()) if d is not None])
             for (kind, object_version), data in new_objects.items():
                 self._execute("DELETE FROM published_objects WHERE group_id = ? AND kind = ? "
                               "AND version = ?", (group, kind, object_version))
@@ -332,6 +382,7 @@ class SqliteStore(ServerStore):
                                        check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA.format(blob="BLOB", serial="INTEGER PRIMARY KEY"))
+            self._add_missing_columns()
         except (OSError, sqlite3.Error) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise StoreError(f"cannot open the SQLite store {path}: {reason}; set store.path "
@@ -365,6 +416,9 @@ class SqliteStore(ServerStore):
         before = self._db.total_changes
         self._db.executemany(sql, rows)
         return self._db.total_changes - before
+
+    def _columns(self, table: str) -> set[str]:
+        return {str(row[1]) for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def close(self) -> None:
         self._db.close()
@@ -402,7 +456,7 @@ class PostgresStore(ServerStore):
                     .split(";"):
                 if statement.strip():
                     self._conn.execute(_strip_comments(statement))
-        self._depth = 0
+            self._add_missing_columns()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -413,9 +467,16 @@ class PostgresStore(ServerStore):
         return self._conn.execute(self._sql(sql), params)
 
     def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        rows = list(rows)
+        if not rows:
+            return 0
         with self._conn.cursor() as cursor:
-            cursor.executemany(self._sql(sql), list(rows))
+            cursor.executemany(self._sql(sql), rows)
             return max(cursor.rowcount, 0)
+
+    def _columns(self, table: str) -> set[str]:
+        return {str(row[0]) for row in self._query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))}
 
     def close(self) -> None:
         self._conn.close()
