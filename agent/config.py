@@ -119,7 +119,7 @@ class MatchingConfig:
     threshold: float = _option(1.1, "a face matches when its distance is below this",
                                low=0.0, high=4.0)
     index: str = _option("auto", "exact searches every embedding; approximate uses an HNSW "
-                                 "index (needs usearch); auto uses it from approximate_min_rows "
+                                 "index (needs faiss-cpu); auto uses it from approximate_min_rows "
                                  "embeddings on", choices=("exact", "approximate", "auto"))
     approximate_min_rows: int = _option(100_000, "embeddings from which index: auto builds the "
                                                  "approximate index", low=1)
@@ -181,9 +181,11 @@ class OutboxConfig:
 
 @dataclass(frozen=True)
 class EventsConfig:
-    mode: str = _option("appearance", "appearance: one event when a tracked face is confirmed "
-                                      "and one when it leaves; frame: one event per face per "
-                                      "frame", choices=("appearance", "frame"))
+    mode: str = _option("auto", "appearance: one event when a tracked face is confirmed "
+                                "and one when it leaves; frame: one event per face per "
+                                "frame; auto: frame for a folder or a single image, whose "
+                                "files are unrelated scenes, appearance for video, cameras "
+                                "and streams", choices=("auto", "appearance", "frame"))
     iou_threshold: float = _option(0.3, "least box overlap (IoU) that links a face to a track",
                                    low=0.01, high=1.0)
     confirm_frames: int = _option(3, "frames out of confirm_window that must show the same "

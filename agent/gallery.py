@@ -2,9 +2,13 @@
 
 Matching is exact and vectorised: for unit-length embeddings the Euclidean
 distance is sqrt(2 - 2 * dot), so a batch of faces is matched against every
-stored embedding with one matrix product. Above `approximate_min_rows` rows an
-HNSW index (agent/gallery_index.py) can answer instead; it is built in a
-background thread after each change, and exact search serves until it is ready.
+stored embedding with one float32 matrix product (BLAS sgemm). The matrix is
+kept column-major, because OpenBLAS multiplies by its C-contiguous transpose
+about twice as fast as by the row-major one (benchmarks/exact_match.py).
+
+Above `approximate_min_rows` rows an HNSW index (agent/gallery_index.py) can
+serve matches instead. It is built in a background thread after each change,
+and exact search serves until it is ready.
 
 A gallery is either local, filled by `facenet-agent enroll`, or synced from one
 server group by agent/gallery_sync.py, and never both: `add` rejects a synced
@@ -79,7 +83,7 @@ class _GalleryState:
     """Everything `match` reads, swapped as one object after each committed change."""
 
     version: int
-    vectors: np.ndarray  # float32, one row per embedding
+    vectors: np.ndarray  # float32, one row per embedding, column-major (Fortran order)
     owners: list[str]  # identity id of each row
     names: dict[str, str]  # identity id -> name
     index: ApproximateIndex | None = None
@@ -104,6 +108,12 @@ class Gallery:
         self.approximate_min_rows = approximate_min_rows
         # Serialises writes and state swaps; match() takes no lock.
         self._lock = threading.RLock()
+        # Per-thread score matrix for match(), reused so that each batch does not
+        # page in a fresh 4 * batch * rows bytes.
+        self._scores = threading.local()
+        # Index builds run one at a time in one thread, for the newest state.
+        self._index_pending: _GalleryState | None = None
+        self._index_building = False
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -196,12 +206,11 @@ class Gallery:
         queries = np.asarray(embeddings, dtype=np.float32)
         if state.index is not None:
             nearest, best_dot = state.index.search(queries)
+            missed = np.flatnonzero(nearest < 0)
+            if len(missed):
+                nearest[missed], best_dot[missed] = self._exact_nearest(state, queries[missed])
         else:
-            # The largest dot product is the smallest distance, so only the best
-            # column per face is converted to a distance.
-            dots = queries @ state.vectors.T
-            nearest = np.argmax(dots, axis=1)
-            best_dot = dots[np.arange(len(queries)), nearest]
+            nearest, best_dot = self._exact_nearest(state, queries)
         # Rounding can push 2 - 2*dot a hair below zero for identical vectors.
         nearest_squared = np.maximum(2.0 - 2.0 * best_dot, 0.0)
         distances = nearest_squared if metric == "squared_euclidean" else np.sqrt(nearest_squared)
@@ -214,6 +223,23 @@ class Gallery:
             else:
                 matches.append(Match(None, None, float(distance), state.version))
         return matches
+
+    def _exact_nearest(self, state: _GalleryState,
+                       queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (nearest row, its dot product) for each query, from one matrix product."""
+        # The largest dot product is the smallest distance, so only the best
+        # column per face is converted to a distance.
+        dots = np.matmul(queries, state.vectors.T,
+                         out=self._scores_buffer(len(queries), len(state.vectors)))
+        nearest = np.argmax(dots, axis=1)
+        return nearest, dots[np.arange(len(queries)), nearest]
+
+    def _scores_buffer(self, queries: int, rows: int) -> np.ndarray:
+        buffer: np.ndarray | None = getattr(self._scores, "buffer", None)
+        if buffer is None or buffer.shape[1] != rows or buffer.shape[0] < queries:
+            buffer = np.empty((queries, rows), np.float32)
+            self._scores.buffer = buffer
+        return buffer[:queries]
 
     def apply_snapshot(self, group: str, version: int, changes: Sequence[IdentityChange],
                        vectors: np.ndarray) -> None:
@@ -249,7 +275,34 @@ class Gallery:
         with self._lock:
             with self._transaction():
                 self._apply_changes(group, base_version, version, changes, rows)
-            self._reload()
+            self._replace_state(self._state_after(self._state, version, changes, rows))
+
+    @staticmethod
+    def _state_after(state: _GalleryState, version: int, changes: Sequence[IdentityChange],
+                     rows: np.ndarray) -> _GalleryState:
+        """Return the state after a committed delta, without reading the file again.
+
+        The rows come out in the order that `_reload` reads them: the kept rows,
+        then the new ones in insertion order. At 100k rows this takes tens of
+        milliseconds where a reload takes over a second.
+        """
+        touched = {change.identity_id for change in changes}
+        keep = np.fromiter((owner not in touched for owner in state.owners), dtype=bool,
+                           count=len(state.owners))
+        upserts = [change for change in changes if change.op != "remove"]
+        added = [rows[c.first_row:c.first_row + c.row_count] for c in upserts]
+        kept = int(keep.sum())
+        vectors = np.empty((kept + sum(len(a) for a in added), state.vectors.shape[1]),
+                           dtype=np.float32, order="F")
+        vectors[:kept] = state.vectors[keep]
+        if added:
+            vectors[kept:] = np.concatenate(added)
+        owners = [owner for owner, kept_row in zip(state.owners, keep, strict=True) if kept_row]
+        owners += [c.identity_id for c in upserts for _ in range(c.row_count)]
+        names = {identity: name for identity, name in state.names.items()
+                 if identity not in touched}
+        names.update((c.identity_id, c.name) for c in upserts)
+        return _GalleryState(version, vectors, owners, names)
 
     def _apply_changes(self, group: str, base_version: int, version: int,
                        changes: Sequence[IdentityChange], rows: np.ndarray) -> None:
@@ -363,13 +416,36 @@ class Gallery:
         owners = [identity_id for identity_id, _ in rows]
         blob = b"".join(vector for _, vector in rows)
         del rows
-        vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, self.embedding_size).copy()
+        vectors = np.array(np.frombuffer(blob, dtype="<f4").reshape(-1, self.embedding_size),
+                           dtype=np.float32, order="F")
         del blob
-        state = _GalleryState(self._stored_version(), vectors, owners, names)
+        self._replace_state(_GalleryState(self._stored_version(), vectors, owners, names))
+
+    def _replace_state(self, state: _GalleryState) -> None:
         self._state = state
-        if self._wants_index(len(vectors)):
-            threading.Thread(target=self._build_index, args=(state,),
-                             name="gallery-index", daemon=True).start()
+        if self._wants_index(len(state.vectors)):
+            self._request_index(state)
+
+    def _request_index(self, state: _GalleryState) -> None:
+        # NOTE: every change rebuilds the whole index, and exact search serves
+        # until it is ready: minutes at 1M rows on 2 cores (docs/benchmarks.md).
+        with self._lock:
+            self._index_pending = state
+            if self._index_building:
+                return  # the running builder takes this state next
+            self._index_building = True
+        threading.Thread(target=self._build_indexes, name="gallery-index", daemon=True).start()
+
+    def _build_indexes(self) -> None:
+        """Build an index for the newest requested state, until no request is pending."""
+        while True:
+            with self._lock:
+                state, self._index_pending = self._index_pending, None
+                if state is None:
+                    self._index_building = False
+                    return
+            if state is self._state:
+                self._build_index(state)
 
     def _wants_index(self, rows: int) -> bool:
         if self.index_mode == "approximate":
@@ -378,7 +454,7 @@ class Gallery:
 
     def _build_index(self, state: _GalleryState) -> None:
         try:
-            index = build_index(state.vectors)
+            index = build_index(state.vectors, cancelled=lambda: self._state is not state)
         except Exception:
             log.exception("gallery %s version %d: building the approximate index failed; "
                           "exact search stays in use", self.path, state.version)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,81 @@ def test_nan_embedding_rejected(gallery: Gallery) -> None:
     with pytest.raises(GalleryError, match="NaN or inf"):
         gallery.add("erin", "Erin", vectors, ["e.jpg"])
     assert gallery.identity_count == 2
+
+
+def _synced_gallery(path: Path, rows: np.ndarray, index_mode: str) -> Gallery:
+    from agent.gallery_protocol import IdentityChange
+
+    store = Gallery(path, "model-a", rows.shape[1], index_mode=index_mode)
+    changes = [IdentityChange(f"id-{i}", f"Name {i}", "add", i, 1) for i in range(len(rows))]
+    store.apply_snapshot("lobby", 1, changes, rows)
+    return store
+
+
+def _random_unit_rows(count: int, dimension: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dimension)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_approximate_index_matches_exact(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    rows = _random_unit_rows(5000, 32, seed=1)
+    probes = rows[:200] + 0.05 * _random_unit_rows(200, 32, seed=2)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    exact = _synced_gallery(tmp_path / "exact.db", rows, "exact")
+    approximate = _synced_gallery(tmp_path / "approximate.db", rows, "approximate")
+
+    deadline = time.monotonic() + 60
+    while not approximate.approximate_ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    expected = exact.match(probes, threshold=1.1, metric="euclidean")
+    found = approximate.match(probes, threshold=1.1, metric="euclidean")
+
+    assert approximate.approximate_ready
+    assert not exact.approximate_ready
+    assert [m.identity_id for m in found] == [m.identity_id for m in expected]
+    assert [m.distance for m in found] == pytest.approx([m.distance for m in expected],
+                                                        abs=1e-5)
+    assert [m.identity_id for m in found] == [f"id-{i}" for i in range(200)]
+
+
+def test_index_miss_falls_back_to_exact(tmp_path: Path) -> None:
+    class MissingIndex:
+        rows = 50
+
+        def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return (np.full(len(queries), -1, np.int64),
+                    np.full(len(queries), -np.inf, np.float32))
+
+    rows = _random_unit_rows(50, 8, seed=3)
+    store = _synced_gallery(tmp_path / "gallery.db", rows, "exact")
+    store._state = replace(store._state, index=MissingIndex())  # type: ignore[arg-type]
+
+    matches = store.match(rows[[7, 30]], threshold=0.5, metric="euclidean")
+
+    assert [m.identity_id for m in matches] == ["id-7", "id-30"]
+    assert all(m.distance < 1e-3 for m in matches)
+
+
+def test_delta_state_equals_reload(tmp_path: Path) -> None:
+    from agent.gallery_protocol import IdentityChange
+
+    rows = _random_unit_rows(40, 8, seed=4)
+    store = _synced_gallery(tmp_path / "gallery.db", rows[:30], "exact")
+    changes = [
+        IdentityChange("id-3", "Renamed", "update", 0, 2),
+        IdentityChange("id-7", "", "remove", 2, 0),
+        IdentityChange("new", "New", "add", 2, 3),
+    ]
+    store.apply_delta("lobby", 1, 2, changes, rows[30:35])
+
+    reopened = Gallery(tmp_path / "gallery.db", "model-a", 8)
+
+    assert store.version == reopened.version == 2
+    assert store._state.owners == reopened._state.owners
+    assert store._state.names == reopened._state.names
+    np.testing.assert_array_equal(store._state.vectors, reopened._state.vectors)
+    assert store._state.vectors.flags.f_contiguous
+    assert store.match(rows[30:31], 0.1, "euclidean")[0].name == "Renamed"
+    assert store.match(rows[7:8], 0.1, "euclidean")[0].identity_id is None
+    reopened.close()
