@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -142,3 +145,93 @@ def test_oversized_header_rejected_before_decoding() -> None:
 def test_unreadable_path_rejected(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read file"):
         read_image(tmp_path / "missing.jpg")
+
+
+def _jpeg_with_size(width: int, height: int, fill_bytes: int) -> bytes:
+    """A small JPEG whose SOF0 claims width x height, with 0xFF fill bytes before SOF0."""
+    data = _encode_pil(Image.fromarray(_gradient()), "JPEG")
+    sof = data.index(b"\xff\xc0")
+    patched = bytearray(data)
+    patched[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(patched[:sof]) + b"\xff" * fill_bytes + bytes(patched[sof:])
+
+
+def test_fill_bytes_before_sof_still_checked() -> None:
+    data = _jpeg_with_size(32767, 32767, fill_bytes=1)
+
+    with pytest.raises(ImageError, match="fill.jpg: image is 32767x32767 pixels"):
+        decode_image(data, "fill.jpg")
+
+
+def test_fill_bytes_in_valid_jpeg_decode() -> None:
+    data = _jpeg_with_size(80, 60, fill_bytes=3)
+
+    assert decode_image(data, "fill.jpg").shape == (60, 80, 3)
+
+
+def test_opencv_pixel_cap_set_before_import() -> None:
+    # OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 loads, so this needs
+    # a fresh interpreter in which agent.images is the first module to import cv2.
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    code = "import os, agent.images; print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+
+    assert result.stdout.strip() == "100000000"
+
+
+def test_opencv_pixel_cap_raises_image_error() -> None:
+    # With a 100-pixel cap, a 20x20 BMP (a format whose header is not parsed here)
+    # hits OpenCV's own check, which raises cv2.error instead of returning None.
+    env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS="100")
+    code = (
+        "import cv2, numpy as np\n"
+        "from agent.images import ImageError, decode_image\n"
+        "ok, bmp = cv2.imencode('.bmp', np.zeros((20, 20, 3), np.uint8))\n"
+        "try:\n"
+        "    decode_image(bmp.tobytes(), 'big.bmp')\n"
+        "except ImageError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+
+    assert result.stdout.startswith("big.bmp: OpenCV rejected the image before decoding it")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_data_after_end_marker_decodes(fmt: str) -> None:
+    # Motion photos append an MP4 after the JPEG's EOI; Samsung phones append a trailer.
+    data = _encode_pil(Image.fromarray(_gradient()), fmt)
+    trailer = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 16
+
+    decoded = decode_image(data + trailer, "motion." + fmt.lower())
+
+    assert decoded.shape == (60, 80, 3)
+
+
+def test_truncated_jpeg_with_thumbnail_rejected() -> None:
+    # The EXIF thumbnail is a whole JPEG, EOI included, inside APP1 before SOS.
+    thumbnail = Image.fromarray(_gradient(16, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    photo = Image.fromarray(_gradient(600, 800))
+    thumb_bytes = _encode_pil(thumbnail, "JPEG")
+    data = _encode_pil(photo, "JPEG", exif=exif.tobytes() + thumb_bytes)
+    thumbnail_end = data.index(thumb_bytes) + len(thumb_bytes)
+    cut = data[: len(data) * 2 // 3]
+    assert thumbnail_end < data.rindex(b"\xff\xda") < len(cut)
+
+    with pytest.raises(ImageError, match="thumb.jpg: truncated JPEG"):
+        decode_image(cut, "thumb.jpg")
+
+
+def test_truncated_png_with_trailing_chunk_rejected() -> None:
+    # IEND's bytes appear in the cut file's tail only as data of a later chunk.
+    data = _encode_pil(Image.fromarray(_gradient()), "PNG")
+    iend = data.index(b"IEND") - 4
+    text_chunk = b"\x00\x00\x00\x0ctEXtIEND\xaeB`\x82 abc" + b"\x00" * 4
+    cut = data[:iend] + text_chunk
+
+    with pytest.raises(ImageError, match="cut.png: truncated PNG"):
+        decode_image(cut, "cut.png")
