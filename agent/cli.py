@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.config import ConfigError, load_config
+from agent.config import ConfigError, check_config_files, load_config
 from agent.gallery import GalleryError
 from agent.models.manifest import ManifestError
+from agent.outbox import OutboxError
 from agent.runtimes import RuntimeNotInstalledError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"facenet-agent: invalid config: {exc}", file=sys.stderr)
         return 2
-    except (ManifestError, GalleryError, RuntimeNotInstalledError) as exc:
+    except (ManifestError, GalleryError, OutboxError, RuntimeNotInstalledError) as exc:
         # Startup problems an operator fixes by hand: one line, no traceback.
         log.error("%s", exc)
         print(f"facenet-agent: {exc}", file=sys.stderr)
@@ -133,6 +134,16 @@ def _enroll(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _apply_log_level(args, config.log_level)
+    # Checked here so that a wrong path fails before the models load, which
+    # takes minutes on a slow board.
+    if not args.folder.is_dir():
+        print(f"facenet-agent: enroll: {args.folder} is not a folder; expected a folder with "
+              "one sub-folder of photos per person", file=sys.stderr)
+        return 2
+    if not any(child.is_dir() for child in args.folder.iterdir()):
+        print(f"facenet-agent: enroll: {args.folder} has no sub-folders; expected one "
+              "sub-folder of photos per person, named after the person", file=sys.stderr)
+        return 2
     pipeline = build_pipeline(config)
     report = enroll_folder(pipeline, args.folder)
     for identity_id, count in report.identities.items():
@@ -146,13 +157,15 @@ def _run(args: argparse.Namespace) -> int:
     from agent.service import run_service
 
     config = load_config(args.config)
+    check_config_files(config, source=str(args.config))
     _apply_log_level(args, config.log_level)
     # Sends nothing unless systemd started the agent with NOTIFY_SOCKET set.
     return run_service(args.config, lifecycle=Notifier())
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    load_config(args.config)
+    config = load_config(args.config)
+    check_config_files(config, source=str(args.config))
     print(f"{args.config}: valid")
     return 0
 

@@ -23,14 +23,32 @@ import yaml
 # A device id is one MQTT topic level and part of the client id.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
+# A config is a few KiB. The cap keeps a huge or wrong file (a log, an image)
+# from being read into memory before any check runs.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# Longest repr of a bad value that an error message shows.
+_MAX_VALUE_REPR = 100
+
 
 class ConfigError(ValueError):
     """The config file is invalid; the message names the key, the value and the fix."""
 
 
+def _short_repr(value: Any) -> str:
+    """Return repr(value) cut to _MAX_VALUE_REPR characters, for error messages."""
+    text = repr(value)
+    if len(text) > _MAX_VALUE_REPR:
+        return text[:_MAX_VALUE_REPR] + f"... ({len(text)} characters)"
+    return text
+
+
 def _option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
-    metadata = {"help": help, "low": low, "high": high, "choices": choices}
+            choices: tuple[str, ...] | None = None, text_only: bool = False) -> Any:
+    # text_only: reject YAML numbers instead of turning them into strings, for
+    # values such as host names where a number is a typo.
+    metadata = {"help": help, "low": low, "high": high, "choices": choices,
+                "text_only": text_only}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -139,7 +157,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class MqttConfig:
-    host: str = _option("localhost", "broker host name or address")
+    host: str = _option("localhost", "broker host name or address", text_only=True)
     port: int = _option(1883, "broker TCP port", low=1, high=65535)
     client_id: str = _option("", "MQTT client id; empty means facenet-agent-<device_id>")
     topic_prefix: str = _option("facenet", "first level of every topic")
@@ -202,7 +220,8 @@ class HealthConfig:
                                           low=0.05, high=86_400.0)
     prometheus_port: int = _option(0, "port of the Prometheus /metrics endpoint; 0 disables "
                                       "it", low=0, high=65535)
-    prometheus_host: str = _option("127.0.0.1", "address the Prometheus endpoint binds to")
+    prometheus_host: str = _option("127.0.0.1", "address the Prometheus endpoint binds to",
+                                   text_only=True)
 
 
 @dataclass(frozen=True)
@@ -327,14 +346,63 @@ class ServerConfig:
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-def load_server_config(path: Path) -> ServerConfig:
-    """Read and validate the central server's YAML config; raise ConfigError on any problem."""
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that rejects aliases and duplicate keys.
+
+    An alias lets a 1 KiB file expand to gigabytes once a value is copied or
+    printed (the "billion laughs" pattern), and no setting needs one. A duplicate
+    key would silently replace the first value.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in the config; write the "
+                "value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # an unhashable key; the base class reports it
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"duplicate key {_short_repr(key)}; keep only one", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """Read a YAML config file with `_ConfigLoader`; raise ConfigError on any problem."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes; "
+                          "check that the path names the YAML config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not valid UTF-8 (byte {exc.start}); "
+                          "save it as UTF-8 text") from exc
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Read and validate the central server's YAML config; raise ConfigError on any problem."""
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
                           f"got {type(raw).__name__}")
@@ -348,7 +416,7 @@ def parse_server_config(raw: dict[str, Any], source: str = "server config") -> S
     config = typing.cast(ServerConfig, _build(ServerConfig, raw, prefix="", source=source))
     if not _DEVICE_ID.fullmatch(config.server_id):
         raise ConfigError(f"{source}: server_id: expected letters, digits, '.', '_' or '-', "
-                          f"got {config.server_id!r}")
+                          f"got {_short_repr(config.server_id)}")
     for index, group in enumerate(config.publish.groups):
         try:
             check_group_name(group)
@@ -360,20 +428,13 @@ def parse_server_config(raw: dict[str, Any], source: str = "server config") -> S
     if "/" in config.collector.share_group or "+" in config.collector.share_group \
             or "#" in config.collector.share_group or not config.collector.share_group:
         raise ConfigError(f"{source}: collector.share_group: expected one topic level without "
-                          f"/ + #, got {config.collector.share_group!r}")
+                          f"/ + #, got {_short_repr(config.collector.share_group)}")
     return config
 
 
 def load_config(path: Path) -> Config:
     """Read and validate the YAML config at `path`; raise ConfigError on any problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
                           f"got {type(raw).__name__}")
@@ -395,13 +456,19 @@ def _check_cross_field(config: Config, source: str) -> None:
     if len(thresholds) != 3 or not all(0.0 < t < 1.0 for t in thresholds):
         raise ConfigError(
             f"{source}: detection.thresholds: expected three scores between 0 and 1 "
-            f"(P-Net, R-Net, O-Net), got {thresholds!r}"
+            f"(P-Net, R-Net, O-Net), got {_short_repr(thresholds)}"
         )
     if config.device_id and not _DEVICE_ID.fullmatch(config.device_id):
         raise ConfigError(
             f"{source}: device_id: expected letters, digits, '.', '_' or '-' (it is a topic "
-            f"level and part of the client id), got {config.device_id!r}"
+            f"level and part of the client id), got {_short_repr(config.device_id)}"
         )
+    _check_topic_prefix(config.mqtt.topic_prefix, source)
+    if not config.mqtt.host.strip():
+        raise ConfigError(f"{source}: mqtt.host: missing; set the broker's host name or address")
+    if "\0" in config.mqtt.host:
+        raise ConfigError(f"{source}: mqtt.host: contains a NUL byte, "
+                          f"got {_short_repr(config.mqtt.host)}")
     if config.mqtt.password_file is not None and config.mqtt.password_credential:
         raise ConfigError(
             f"{source}: mqtt.password_credential: set either it or mqtt.password_file, not both"
@@ -409,7 +476,7 @@ def _check_cross_field(config: Config, source: str) -> None:
     if "/" in config.mqtt.password_credential:
         raise ConfigError(
             f"{source}: mqtt.password_credential: expected a credential name without '/', "
-            f"got {config.mqtt.password_credential!r}"
+            f"got {_short_repr(config.mqtt.password_credential)}"
         )
     if config.mqtt.reconnect_min_delay_s > config.mqtt.reconnect_max_delay_s:
         raise ConfigError(
@@ -428,6 +495,45 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"got cert_file={tls.cert_file} and key_file={tls.key_file}"
         )
     _check_sync(config.sync, source)
+
+
+def _check_topic_prefix(prefix: str, source: str) -> None:
+    # Every event, status and will topic starts with the prefix, and MQTT rejects
+    # a publish whose topic has a wildcard or a NUL (MQTT 5.0, section 4.7).
+    problem = None
+    if not prefix:
+        problem = "missing"
+    elif prefix.startswith("/") or prefix.endswith("/"):
+        problem = "must not start or end with '/'"
+    elif "//" in prefix:
+        problem = "must not contain an empty level ('//')"
+    elif any(char in prefix for char in "+#\0"):
+        problem = "must not contain the wildcards '+' or '#' or a NUL byte"
+    if problem is not None:
+        raise ConfigError(f"{source}: mqtt.topic_prefix: {problem}; expected topic levels "
+                          f"such as 'facenet' or 'site-3/facenet', got {_short_repr(prefix)}")
+
+
+def check_config_files(config: Config, source: str = "config") -> None:
+    """Check that every file the config names for reading exists and is readable.
+
+    `load_config` does not do this, so that a config can be checked on a machine
+    other than the device. `check-config` and `run` call it.
+    """
+    files: list[tuple[str, Path | None]] = [("mqtt.password_file", config.mqtt.password_file)]
+    tls = config.mqtt.tls
+    if tls is not None:
+        files += [("mqtt.tls.ca_file", tls.ca_file), ("mqtt.tls.cert_file", tls.cert_file),
+                  ("mqtt.tls.key_file", tls.key_file)]
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{source}: {key}: cannot read {path}: {exc.strerror}; "
+                              "check the path and the file's owner and mode") from exc
 
 
 def _check_sync(sync: SyncConfig, source: str) -> None:
@@ -461,7 +567,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping, "
+                          f"got {_short_repr(raw)}")
 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -486,7 +593,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 
 def _convert(hint: Any, value: Any, key: str, metadata: Any, source: str) -> Any:
     def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {_short_repr(value)}")
 
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -524,7 +631,8 @@ def _convert(hint: Any, value: Any, key: str, metadata: Any, source: str) -> Any
         return float(value)
 
     if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number and not metadata.get("text_only"):
             value = str(value)  # lets `uri: 0` name camera 0
         if not isinstance(value, str):
             fail("a string")
@@ -536,6 +644,8 @@ def _convert(hint: Any, value: Any, key: str, metadata: Any, source: str) -> Any
     if hint is Path:
         if not isinstance(value, str) or not value:
             fail("a file path")
+        if "\0" in value:
+            fail("a file path without NUL bytes")
         return Path(value)
 
     raise TypeError(f"unsupported config type {hint!r} for {key}")
@@ -544,6 +654,6 @@ def _convert(hint: Any, value: Any, key: str, metadata: Any, source: str) -> Any
 def _check_range(value: float, key: str, metadata: Any, source: str) -> None:
     low, high = metadata.get("low"), metadata.get("high")
     if low is not None and value < low:
-        raise ConfigError(f"{source}: {key}: must be at least {low}, got {value!r}")
+        raise ConfigError(f"{source}: {key}: must be at least {low}, got {_short_repr(value)}")
     if high is not None and value > high:
-        raise ConfigError(f"{source}: {key}: must be at most {high}, got {value!r}")
+        raise ConfigError(f"{source}: {key}: must be at most {high}, got {_short_repr(value)}")

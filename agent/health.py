@@ -122,7 +122,8 @@ def start_metrics_server(host: str, port: int,
                          snapshot: Callable[[], dict[str, Any]]) -> Callable[[], None]:
     """Serve `snapshot()` as Prometheus metrics on host:port; return a function that stops it.
 
-    Raises RuntimeError when prometheus-client is not installed.
+    Raises RuntimeError when prometheus-client is not installed, and ConfigError
+    when host:port cannot be bound.
     """
     try:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -146,7 +147,17 @@ def start_metrics_server(host: str, port: int,
 
     registry = CollectorRegistry()
     registry.register(_Collector())
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        # socket.gaierror (a host that does not resolve) is an OSError too.
+        from agent.config import ConfigError
+
+        raise ConfigError(
+            f"health.prometheus_host, health.prometheus_port: cannot serve metrics on "
+            f"{host}:{port}: {exc.strerror or exc}; pick a free port and an address of "
+            "this machine"
+        ) from exc
     log.info("metrics: Prometheus endpoint on http://%s:%d/metrics", host, port)
 
     def stop() -> None:

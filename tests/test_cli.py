@@ -56,3 +56,47 @@ def test_tampered_model_stops_start(tmp_path: Path, model_dir: Path, example_dat
     assert "onet.onnx" in result.stderr
     assert "sha256" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_reports_missing_password_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device_id: gate-01\nmqtt: {{username: u, password_file: {tmp_path}/pw}}\n")
+
+    result = agent_cli("check-config", str(config))
+
+    assert result.returncode == 2
+    assert "mqtt.password_file: cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_billion_laughs_fails_fast(tmp_path: Path) -> None:
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for name, previous in zip("bcdefghi", "abcdefgh", strict=True):
+        levels.append(f"&{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    config = tmp_path / "agent.yaml"
+    config.write_text("device_id: [" + ", ".join(levels) + "]\n")
+
+    result = subprocess.run([sys.executable, "-m", "agent", "check-config", str(config)],
+                            capture_output=True, text=True, timeout=30, check=False)
+
+    assert result.returncode == 2
+    assert "aliases" in result.stderr
+
+
+def test_enroll_missing_folder_fails_before_models(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    # The models folder does not exist, so reaching the model load would fail
+    # with a different message.
+    config.write_text(f"device_id: gate-01\nmodels: {{dir: {tmp_path}/no-models}}\n"
+                      f"gallery: {{path: {tmp_path}/gallery.db}}\n")
+
+    missing = agent_cli("enroll", str(tmp_path / "absent"), "--config", str(config))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"")
+    flat = agent_cli("enroll", str(tmp_path / "flat"), "--config", str(config))
+
+    assert missing.returncode == 2
+    assert "is not a folder" in missing.stderr
+    assert flat.returncode == 2
+    assert "has no sub-folders" in flat.stderr
+    assert "Traceback" not in missing.stderr + flat.stderr

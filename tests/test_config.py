@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_config
+from agent.config import ConfigError, check_config_files, load_config, parse_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -121,3 +121,97 @@ def test_delivery_defaults() -> None:
     assert config.mqtt.protocol == "5"
     assert config.health.prometheus_port == 0
     assert config.health.prometheus_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("prefix", ["#", "site/#", "a/+/b", "a\0b", "", "/facenet",
+                                    "facenet/", "a//b"])
+def test_topic_prefix_rejected(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="mqtt.topic_prefix"):
+        parse_config({"device_id": "gate-01", "mqtt": {"topic_prefix": prefix}})
+
+
+def test_topic_prefix_with_levels_accepted() -> None:
+    config = parse_config({"device_id": "gate-01", "mqtt": {"topic_prefix": "site-3/facenet"}})
+
+    assert config.mqtt.topic_prefix == "site-3/facenet"
+
+
+@pytest.mark.parametrize("host, message", [
+    ("", "mqtt.host: missing"),
+    ("  ", "mqtt.host: missing"),
+    (12, "mqtt.host: expected a string, got 12"),
+])
+def test_mqtt_host_rejected(host: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"device_id": "gate-01", "mqtt": {"host": host}})
+
+
+@pytest.mark.parametrize("device_id", ["a/b", "a+b", "a#b", "a\0b"])
+def test_device_id_topic_characters_rejected(device_id: str) -> None:
+    with pytest.raises(ConfigError, match="device_id"):
+        parse_config({"device_id": device_id})
+
+
+def test_nul_byte_in_path_rejected() -> None:
+    with pytest.raises(ConfigError, match="gallery.path: expected a file path without NUL"):
+        parse_config({"device_id": "gate-01", "gallery": {"path": "/tmp/a\0b.db"}})
+
+
+def test_yaml_alias_rejected_quickly(tmp_path: Path) -> None:
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for name, previous in zip("bcdefghi", "abcdefgh", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    text = "device_id: gate-01\nlaughs:\n" + "".join(f"  {line}\n" for line in levels)
+
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(_write(tmp_path, text))
+
+
+def test_duplicate_key_rejected(tmp_path: Path) -> None:
+    text = "device_id: gate-01\nmqtt: {host: a}\nmqtt: {host: b}\n"
+
+    with pytest.raises(ConfigError, match="duplicate key 'mqtt'"):
+        load_config(_write(tmp_path, text))
+
+
+def test_oversized_config_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("device_id: gate-01\n" + "#" * (2 * 1024 * 1024) + "\n")
+
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(path)
+
+
+def test_non_utf8_config_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"device_id: gate-\xff\xfe\n")
+
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_config(path)
+
+
+def test_long_bad_value_truncated() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"device_id": "gate-01", "mqtt": {"port": "x" * 100_000}})
+
+    assert "mqtt.port" in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_missing_tls_file_reported(tmp_path: Path, key: str) -> None:
+    tls = {name: str(tmp_path / "present.pem") for name in ("ca_file", "cert_file", "key_file")}
+    (tmp_path / "present.pem").write_text("x")
+    tls[key] = str(tmp_path / "missing.pem")
+    config = parse_config({"device_id": "gate-01", "mqtt": {"tls": tls}})
+
+    with pytest.raises(ConfigError, match=f"mqtt.tls.{key}: cannot read .*missing.pem"):
+        check_config_files(config)
+
+
+def test_missing_password_file_reported(tmp_path: Path) -> None:
+    config = parse_config({"device_id": "gate-01",
+                           "mqtt": {"username": "u", "password_file": str(tmp_path / "pw")}})
+
+    with pytest.raises(ConfigError, match="mqtt.password_file: cannot read"):
+        check_config_files(config)
