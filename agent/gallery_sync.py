@@ -9,7 +9,9 @@ error on a message is logged and never reaches the network thread.
 The worker keeps the gallery at the last good version. It applies a snapshot or
 a delta only after the signed manifest vouches for every byte of it, and each
 in one SQLite transaction (agent/gallery.py), so a crash leaves the old version
-or the new one. docs/protocol.md describes the messages and the rules.
+or the new one. A snapshot's chunks are written to a file beside the gallery as
+they arrive, and the next run resumes from that file after a stop or a crash.
+docs/protocol.md describes the messages and the rules.
 """
 
 from __future__ import annotations

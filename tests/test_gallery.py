@@ -181,3 +181,21 @@ def test_delta_state_equals_reload(tmp_path: Path) -> None:
     assert store.match(rows[30:31], 0.1, "euclidean")[0].name == "Renamed"
     assert store.match(rows[7:8], 0.1, "euclidean")[0].identity_id is None
     reopened.close()
+
+
+def test_snapshot_state_equals_reload(tmp_path: Path) -> None:
+    from agent.gallery_protocol import IdentityChange
+
+    rows = _random_unit_rows(6, 8, seed=5)
+    store = Gallery(tmp_path / "gallery.db", "model-a", 8)
+    # Out of row order: the state must follow the changes, as the file does.
+    changes = [IdentityChange("b", "B", "add", 4, 2), IdentityChange("a", "A", "add", 0, 3)]
+    store.apply_snapshot("lobby", 1, changes, rows)
+
+    reopened = Gallery(tmp_path / "gallery.db", "model-a", 8)
+
+    assert store._state.owners == reopened._state.owners == ["b", "b", "a", "a", "a"]
+    assert store._state.names == reopened._state.names
+    np.testing.assert_array_equal(store._state.vectors, reopened._state.vectors)
+    np.testing.assert_array_equal(store._state.vectors, rows[[4, 5, 0, 1, 2]])
+    reopened.close()
