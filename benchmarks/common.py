@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -66,3 +71,35 @@ def machine_line() -> str:
         pass
     return (f"{model}, {cpus} usable cores, Python {platform.python_version()}, "
             f"numpy {np.__version__}, load average {load[0]:.1f} at start")
+
+
+@dataclass
+class Broker:
+    """A Mosquitto process listening on 127.0.0.1:`port`."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def start_mosquitto(folder: Path) -> Broker:
+    """Start Mosquitto on a free loopback port, without persistence, logging into `folder`."""
+    executable = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = folder / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    log = (folder / "mosquitto.log").open("wb")
+    process = subprocess.Popen([executable, "-c", str(config)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                return Broker(port, process)
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit(f"mosquitto did not listen on port {port}; see {folder / 'mosquitto.log'}")
