@@ -89,6 +89,7 @@ class Delivery:
             ttl_s=settings.ttl_s,
             full_policy=settings.full_policy,
             sync=settings.sync,
+            device_id=config.device_id,
         )
         self.forwarder = Forwarder(
             self.outbox,
@@ -135,6 +136,7 @@ class Delivery:
             "events_dropped": self.outbox.dropped,
             "events_dropped_full": self.outbox.dropped_full,
             "events_dropped_expired": self.outbox.dropped_expired,
+            "events_dropped_unpublishable": self.outbox.dropped_unpublishable,
             "inflight": self.forwarder.inflight_count,
             "delivered": self.forwarder.delivered_count,
             "refused": self.forwarder.refused_count,

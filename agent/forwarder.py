@@ -11,6 +11,11 @@ consumer therefore receives the events in seq order, except for duplicates: an e
 whose PUBACK was lost, or that was sent before a kill -9, arrives again. Delivery
 is at least once, and consumers drop duplicates by event_id.
 
+An event that the MQTT client rejects before sending it (paho raises ValueError
+for a topic with a wildcard, for instance) cannot succeed on a retry. It is moved
+to the outbox's dead_letters table, logged once and counted as dropped, and the
+forwarder goes on with the next event.
+
 A PUBACK with a failure reason, such as an MQTT 5 broker's 'Not authorized' for a
 topic that its ACL denies, keeps the event in the outbox. The forwarder pauses,
 logs the refusal, and sends the oldest refused event again after `retry_after_s`.
@@ -225,9 +230,18 @@ class Forwarder:
         for entry in self.outbox.pending(after, room):
             with self._lock:
                 self._inflight[entry.seq] = _Inflight(entry.seq, entry.event_id, connection)
-            info = self.publisher.publish(
-                entry.topic, entry.payload, on_acked=self._ack_handler(entry.seq, entry.event_id)
-            )
+            try:
+                info = self.publisher.publish(
+                    entry.topic, entry.payload,
+                    on_acked=self._ack_handler(entry.seq, entry.event_id),
+                )
+            except (ValueError, TypeError) as exc:
+                self._drop_unpublishable(entry.seq, entry.event_id, entry.topic, str(exc))
+                continue
+            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
+                self._drop_unpublishable(entry.seq, entry.event_id, entry.topic,
+                                         "payload larger than the broker's maximum packet size")
+                continue
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 # paho dropped it, so it is neither sent nor queued: try again later.
                 with self._lock:
@@ -237,6 +251,17 @@ class Forwarder:
                 self._last_sent_seq = entry.seq
             log.debug("forwarder: published event %s (seq %d, mid %d)",
                       entry.event_id, entry.seq, info.mid)
+
+    def _drop_unpublishable(self, seq: int, event_id: str, topic: str, reason: str) -> None:
+        with self._lock:
+            self._inflight.pop(seq, None)
+            self._last_sent_seq = seq
+        self.outbox.dead_letter(seq, reason)
+        log.error("forwarder: cannot publish event %s (seq %d) on topic %r: %s; moved it to "
+                  "the dead_letters table of outbox %s and going on with the next event",
+                  event_id, seq, topic, reason, self.outbox.path)
+        with self._idle:
+            self._idle.notify_all()
 
     def _ack_handler(self, seq: int, event_id: str) -> AckCallback:
         def handle(failure: str | None) -> None:

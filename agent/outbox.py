@@ -41,6 +41,21 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- Events that the MQTT client rejected before sending (a topic with a wildcard,
+-- say). They are kept for inspection and never sent again.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 FULL_POLICIES = ("drop_oldest", "reject_new")
@@ -49,6 +64,7 @@ SYNC_MODES = ("full", "normal")
 # Names of the drop counters in the counters table.
 DROPPED_FULL = "dropped_full"
 DROPPED_EXPIRED = "dropped_expired"
+DROPPED_UNPUBLISHABLE = "dropped_unpublishable"
 
 
 class OutboxError(RuntimeError):
@@ -77,8 +93,14 @@ class Outbox:
         full_policy: str = "drop_oldest",
         sync: str = "full",
         clock: Callable[[], float] = time.time,
+        device_id: str | None = None,
     ) -> None:
-        """Open or create the outbox; raise OutboxError when the file is unusable."""
+        """Open or create the outbox; raise OutboxError when the file is unusable.
+
+        With `device_id`, the outbox records that id on first open and raises
+        OutboxError when it already records another one, so that two agents on one
+        host cannot publish each other's events through a shared default path.
+        """
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
         if sync not in SYNC_MODES:
@@ -96,6 +118,8 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._db = self._open(path, sync)
+        if device_id is not None:
+            self._claim(device_id)
         with self._lock:
             count, size = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events"
@@ -129,6 +153,25 @@ class Outbox:
             ) from exc
         return db
 
+    def _claim(self, device_id: str) -> None:
+        try:
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('device_id', ?)", (device_id,)
+            )
+            (owner,) = self._db.execute(
+                "SELECT value FROM meta WHERE name = 'device_id'"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise OutboxError(f"outbox {self.path}: cannot read its owner: {exc}") from exc
+        if owner != device_id:
+            self._db.close()
+            raise OutboxError(
+                f"outbox {self.path}: belongs to device {owner!r}, not {device_id!r}; set "
+                "outbox.path to a file of this device's own, so that it does not publish "
+                "the other device's events"
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -160,8 +203,14 @@ class Outbox:
             return self._counters.get(DROPPED_EXPIRED, 0)
 
     @property
+    def dropped_unpublishable(self) -> int:
+        """Events moved to the dead_letters table, over the file's lifetime."""
+        with self._lock:
+            return self._counters.get(DROPPED_UNPUBLISHABLE, 0)
+
+    @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_expired
+        return self.dropped_full + self.dropped_expired + self.dropped_unpublishable
 
     # Queue operations
 
@@ -250,6 +299,28 @@ class Outbox:
             self._depth -= removed
             self._bytes -= size
         return removed
+
+    def dead_letter(self, seq: int, reason: str) -> bool:
+        """Move the event `seq` to the dead_letters table; return False if it is gone."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                moved = self._db.execute(
+                    "INSERT OR REPLACE INTO dead_letters "
+                    "(seq, event_id, topic, payload, created_at, failed_at, reason) "
+                    "SELECT seq, event_id, topic, payload, created_at, ?, ? FROM events "
+                    "WHERE seq = ?",
+                    (self._clock(), reason, seq),
+                ).rowcount
+                removed, size = self._delete_seqs([seq])
+                self._add_counter(DROPPED_UNPUBLISHABLE, removed)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._depth -= removed
+            self._bytes -= size
+        return bool(moved)
 
     def expire(self) -> int:
         """Drop the events older than `ttl_s`; return how many were dropped.

@@ -436,3 +436,36 @@ def test_client_id_derived_from_device_id() -> None:
     assert first.mqtt_client_id == "facenet-agent-gate-01"
     assert second.mqtt_client_id != first.mqtt_client_id
     assert re.fullmatch(r"facenet-agent-[\w.-]+", second.mqtt_client_id)
+
+
+def test_unpublishable_event_dead_lettered(tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    broker = new_broker(tmp_path)
+    delivery = None
+    try:
+        delivery = Delivery(parse_config(agent_config(tmp_path, broker.port)))
+        received: list[bytes] = []
+        delivery.publisher.subscribe(EVENTS, lambda message: received.append(message.payload))
+        # Stored before start, as an older config with a wildcard prefix left it.
+        delivery.submit("site/#/events", {"event_id": "poison", "index": -1})
+        topic = identity_topic("facenet", DEVICE_ID)
+        for index in range(3):
+            delivery.submit(topic, {"event_id": f"good-{index}", "index": index})
+        delivery.start()
+
+        assert delivery.wait_until_delivered(TIMEOUT_S)
+        assert wait_until(lambda: len(received) == 3)
+        assert [json.loads(payload)["event_id"] for payload in received] == \
+            ["good-0", "good-1", "good-2"]
+        assert delivery.outbox.depth == 0
+        assert delivery.outbox.dropped_unpublishable == 1
+        assert delivery.snapshot()["events_dropped"] == 1
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1
+        assert "poison" in errors[0].getMessage()
+        assert "wildcard" in errors[0].getMessage()
+    finally:
+        if delivery is not None:
+            delivery.close(timeout_s=0.5)
+        broker.close()

@@ -174,3 +174,37 @@ def test_file_is_wal_with_full_sync(tmp_path: Path) -> None:
 def test_invalid_settings_rejected(tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Outbox(tmp_path / "outbox.db", **options)
+
+
+def test_outbox_of_other_device_rejected(tmp_path: Path) -> None:
+    Outbox(tmp_path / "outbox.db", device_id="gate-01").close()
+
+    with pytest.raises(OutboxError) as caught:
+        Outbox(tmp_path / "outbox.db", device_id="gate-02")
+
+    message = str(caught.value)
+    assert "'gate-01'" in message
+    assert "'gate-02'" in message
+    assert "outbox.path" in message
+
+
+def test_outbox_reopened_by_same_device(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", device_id="gate-01")
+    outbox.put("a", "t", b"x")
+    outbox.close()
+
+    reopened = Outbox(tmp_path / "outbox.db", device_id="gate-01")
+
+    assert reopened.depth == 1
+
+
+def test_dead_letter_moves_event(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.put("a", "t", b"x")
+    outbox.put("b", "t", b"y")
+    (first, _) = outbox.pending(0, 10)
+
+    assert outbox.dead_letter(first.seq, "bad topic")
+    assert ids(outbox) == ["b"]
+    assert outbox.dropped_unpublishable == 1
+    assert outbox.dropped == 1
