@@ -114,14 +114,33 @@ class Gallery:
         # Index builds run one at a time in one thread, for the newest state.
         self._index_pending: _GalleryState | None = None
         self._index_building = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._db = self._open(path)
         self._check_model()
         self._state = _GalleryState(0, np.empty((0, embedding_size), np.float32), [], {})
         self._reload()
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        try:
+            if path.is_dir():
+                raise GalleryError(f"gallery {path}: is a folder; set gallery.path to a file "
+                                   "name such as /var/lib/facenet-agent/gallery.db")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                db.executescript(SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise GalleryError(
+                f"gallery {path}: cannot open it: {exc}. Check that gallery.path names an "
+                "SQLite gallery file (or a new file) in a folder the agent can write to; "
+                "move a damaged file aside and enrol again"
+            ) from exc
+        return db
 
     def close(self) -> None:
         self._db.close()

@@ -199,3 +199,18 @@ def test_snapshot_state_equals_reload(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store._state.vectors, reopened._state.vectors)
     np.testing.assert_array_equal(store._state.vectors, rows[[4, 5, 0, 1, 2]])
     reopened.close()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "folder", "unwritable_parent"])
+def test_unusable_gallery_path_raises_gallery_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "gallery.db"
+    if kind == "garbage":
+        path.write_bytes(b"this is not an SQLite file\n" * 100)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "gallery.db"  # its parent is a file
+
+    with pytest.raises(GalleryError, match=f"gallery {path}"):
+        Gallery(path, "model-a", 4)
