@@ -17,8 +17,8 @@ from agent.config import Config
 from agent.detect import Face, MtcnnDetector
 from agent.embed import Embedder
 from agent.gallery import Gallery, Match
-from agent.models.manifest import Manifest, load_manifest
-from agent.runtimes import ModelSession
+from agent.models.manifest import Manifest, ManifestError, load_manifest
+from agent.runtimes import ModelSession, RuntimeNotInstalledError, runtime_class
 from agent.tune import Selection, StageChoice, load_variant
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,20 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
         selection = resolve_selection(config, manifest)
 
     def load(role: str, choice: StageChoice) -> ModelSession:
-        return load_variant(manifest, role, choice, selection.threads,
-                            config.runtime.cache_dir, config.models.verify_sha256)
+        try:
+            return load_variant(manifest, role, choice, selection.threads,
+                                config.runtime.cache_dir, config.models.verify_sha256)
+        except (ManifestError, RuntimeNotInstalledError):
+            raise
+        except Exception as exc:
+            # Each runtime raises its own types (ONNX Runtime's InvalidProtobuf, TFLite's
+            # ValueError), most often for a truncated or damaged file.
+            raise ManifestError(
+                f"{_variant_path(manifest, role, choice)}: {choice.runtime} cannot load the "
+                f"{choice.precision} {role} model: {exc}. The file may be truncated or "
+                "damaged: run `facenet-agent models verify` on the folder, or rebuild it "
+                "with `facenet-agent models build`"
+            ) from exc
 
     detection = config.detection
     detector = MtcnnDetector(
@@ -107,6 +119,16 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
         gallery.identity_count,
     )
     return pipeline
+
+
+def _variant_path(manifest: Manifest, role: str, choice: StageChoice) -> str:
+    """Return the model file that `choice` loads for `role`, for error messages."""
+    try:
+        model_format = runtime_class(choice.runtime).model_format
+    except (ImportError, ValueError):
+        return f"{manifest.directory} ({role})"
+    variant = manifest.variant(role, model_format, choice.precision)
+    return str(variant.path) if variant is not None else f"{manifest.directory} ({role})"
 
 
 def _warm_up(pipeline: Pipeline) -> None:

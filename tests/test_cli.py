@@ -100,3 +100,25 @@ def test_enroll_missing_folder_fails_before_models(tmp_path: Path) -> None:
     assert flat.returncode == 2
     assert "has no sub-folders" in flat.stderr
     assert "Traceback" not in missing.stderr + flat.stderr
+
+
+def test_truncated_model_without_verify_named(tmp_path: Path, model_dir: Path,
+                                              example_data: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    onet = models / "onet.onnx"
+    onet.write_bytes(onet.read_bytes()[:1000])
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "gate-01",
+        "models": {"dir": str(models), "verify_sha256": False},
+        "runtime": {"name": "onnxruntime", "precision": "fp32", "batch_size": 1},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+    }))
+
+    result = agent_cli("enroll", str(example_data / "train"), "--config", str(config))
+
+    assert result.returncode == 2
+    assert "onet.onnx" in result.stderr
+    assert "truncated or damaged" in result.stderr
+    assert "Traceback" not in result.stderr
