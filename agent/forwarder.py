@@ -47,6 +47,7 @@ class _Inflight:
     seq: int
     event_id: str
     connection: int  # publisher.connection_count when it was published
+    topic: str = ""
 
 
 class Forwarder:
@@ -78,7 +79,10 @@ class Forwarder:
         self._delivered = 0
         self._refused = 0
         # Send rounds in a row that ended in a refusal; only the first is an error.
+        # It resets when the event that started the last round is delivered, not on
+        # any delivery, because other events can pass while that one stays refused.
         self._refusal_rounds = 0
+        self._round_seq: int | None = None
         self._idle = threading.Condition(self._lock)
         self._sending = True
         self._thread = threading.Thread(target=self._run, name="outbox-forwarder", daemon=True)
@@ -179,10 +183,13 @@ class Forwarder:
         self.outbox.remove(delivered)
         with self._lock:
             for seq, event_id, failure in acks:
-                self._inflight.pop(seq, None)
+                inflight = self._inflight.pop(seq, None)
+                topic = inflight.topic if inflight is not None else "?"
                 if failure is None:
                     self._delivered += 1
-                    self._refusal_rounds = 0
+                    if seq == self._round_seq:
+                        self._refusal_rounds = 0
+                        self._round_seq = None
                     continue
                 self._refused += 1
                 first_of_round = not self._refused_seqs
@@ -192,14 +199,15 @@ class Forwarder:
                               event_id, seq, failure)
                     continue
                 self._refusal_rounds += 1
+                self._round_seq = seq
                 self._retry_at = time.monotonic() + self.retry_after_s
                 log.log(
                     logging.ERROR if self._refusal_rounds == 1 else logging.DEBUG,
-                    "forwarder: broker rejected event %s (seq %d): %s. Check the broker's "
-                    "ACL for client %s; the event stays in the outbox and is sent again in "
-                    "%.3g s (refusal %d in a row)",
-                    event_id, seq, failure, self.publisher.client_id, self.retry_after_s,
-                    self._refusal_rounds,
+                    "forwarder: broker rejected event %s (seq %d) on topic %s: %s. Check "
+                    "the broker's ACL for client %s and this topic; the event stays in the "
+                    "outbox and is sent again in %.3g s (refusal %d in a row)",
+                    event_id, seq, topic, failure, self.publisher.client_id,
+                    self.retry_after_s, self._refusal_rounds,
                 )
             self._idle.notify_all()
 
@@ -229,7 +237,8 @@ class Forwarder:
 
         for entry in self.outbox.pending(after, room):
             with self._lock:
-                self._inflight[entry.seq] = _Inflight(entry.seq, entry.event_id, connection)
+                self._inflight[entry.seq] = _Inflight(entry.seq, entry.event_id, connection,
+                                                      entry.topic)
             try:
                 info = self.publisher.publish(
                     entry.topic, entry.payload,

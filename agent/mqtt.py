@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,10 @@ PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 # Queue slots that events cannot take, kept for one online and one offline status.
 _STATUS_SLOTS = 2
+
+# MQTT 5 reason code 141, which paho also reports when the broker never answered the
+# CONNECT within the keep-alive time.
+_KEEPALIVE_TIMEOUT = 141
 
 LOG_PAYLOAD_BYTES = 64
 
@@ -414,12 +419,15 @@ class MqttPublisher:
                     "deadline; disconnecting anyway",
                     self.client_id, self.status_topic, info.mid,
                 )
-        else:
+        elif self._connection_count > 0:
             log.info(
                 "MQTT client %s: not connected at stop, so the offline status is left to "
                 "the broker's last will",
                 self.client_id,
             )
+        else:
+            log.info("MQTT client %s: stopped without ever connecting to %s:%d",
+                     self.client_id, self.host, self.port)
 
         self._client.disconnect()
         self._client.loop_stop()
@@ -627,9 +635,14 @@ class MqttPublisher:
 
     @_log_exceptions
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        # paho calls this when the TCP or TLS connection could not be opened, and
-        # does not pass on the OSError.
-        self._log_connect_failure("could not open the TCP or TLS connection")
+        # paho calls this when the TCP or TLS connection could not be opened. It does
+        # not pass on the OSError, but calls this inside its `except OSError` block
+        # (paho-mqtt 2.1, Client.loop_forever), so sys.exc_info() still holds it.
+        error = sys.exc_info()[1]
+        detail = "could not open the TCP or TLS connection"
+        if isinstance(error, OSError):
+            detail += f": {error.strerror or error}"
+        self._log_connect_failure(detail)
 
     def _log_connect_failure(self, detail: str) -> None:
         with self._state:
@@ -694,8 +707,16 @@ class MqttPublisher:
             )
         elif transient_refusal is not None:
             self._log_connect_failure(f"broker rejected the connection: {transient_refusal}")
+        elif not refused and reason_code.value == _KEEPALIVE_TIMEOUT:
+            # The broker accepted TCP but sent nothing back: it is hung or overloaded.
+            self._log_connect_failure(
+                f"the broker sent no CONNACK within the keep-alive time of {self.keepalive} s; "
+                "check that the broker is running and not overloaded"
+            )
         elif not refused:
             # A broker that expects TLS closes a plain connection without a CONNACK.
+            # NOTE: a broker that rejects the CONNECT packet itself closes it the same
+            # way, so the hint is a guess.
             hint = "" if self.uses_tls else "; if the port expects TLS, set mqtt.tls"
             self._log_connect_failure(
                 f"the broker closed the connection before its CONNACK "

@@ -26,12 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt_client
 import pytest
 import yaml
 
 from agent.config import ConfigError, parse_config
 from agent.delivery import Delivery, read_password
 from agent.events import identity_topic
+from agent.forwarder import Forwarder
+from agent.mqtt import MqttPublisher
+from agent.outbox import Outbox
 from tests.broker import MosquittoBroker, ReceivedMessage, find_mosquitto
 from tests.conftest_mqtt import MOSQUITTO_MISSING
 from tests.pki import make_pki
@@ -469,3 +473,72 @@ def test_unpublishable_event_dead_lettered(tmp_path: Path,
         if delivery is not None:
             delivery.close(timeout_s=0.5)
         broker.close()
+
+
+# Messages of the MQTT client and the forwarder
+
+
+def test_connect_failure_names_errno_and_no_will(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.mqtt")
+    broker = new_broker(tmp_path)
+    broker.stop()  # the port is now closed
+    publisher = MqttPublisher("127.0.0.1", broker.port, "test-closed-port",
+                              status_topic="facenet/gate-01/status", **FAST_RECONNECT)
+    try:
+        publisher.start()
+        assert wait_until(lambda: any("connection attempt" in r.getMessage()
+                                      for r in caplog.records))
+    finally:
+        publisher.stop(timeout_s=0.2)
+
+    messages = [r.getMessage() for r in caplog.records]
+    failures = [m for m in messages if "connection attempt 1" in m]
+    assert failures
+    assert "Connection refused" in failures[0]
+    assert not any("last will" in m for m in messages)
+    assert any("without ever connecting" in m for m in messages)
+
+
+class _RefusingPublisher:
+    """Acknowledges at once; refuses every event on `denied_topic`."""
+
+    client_id = "test-refusals"
+    connection_count = 1
+
+    def __init__(self, denied_topic: str) -> None:
+        self.denied_topic = denied_topic
+        self.mid = 0
+
+    def is_connected(self) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes, on_acked: Any = None) -> Any:
+        self.mid += 1
+        info = mqtt_client.MQTTMessageInfo(self.mid)
+        info.rc = mqtt_client.MQTT_ERR_SUCCESS
+        if on_acked is not None:
+            on_acked("Not authorized" if topic == self.denied_topic else None)
+        return info
+
+
+def test_refusal_count_grows_despite_other_deliveries(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.forwarder")
+    outbox = Outbox(tmp_path / "outbox.db")
+    publisher = _RefusingPublisher("denied/topic")
+    outbox.put("denied-0", "denied/topic", b"{}")
+    outbox.put("allowed-0", "allowed/topic", b"{}")
+    forwarder = Forwarder(outbox, publisher, retry_after_s=0.05)  # type: ignore[arg-type]
+    forwarder.start()
+    try:
+        assert wait_until(lambda: forwarder.refused_count >= 3)
+    finally:
+        forwarder.stop(timeout_s=0.5)
+        outbox.close()
+
+    refusals = [r for r in caplog.records if "broker rejected event" in r.getMessage()]
+    assert [r.levelno for r in refusals[:1]] == [logging.ERROR]
+    assert all(r.levelno == logging.DEBUG for r in refusals[1:])
+    assert "refusal 2 in a row" in refusals[1].getMessage()
+    assert "denied/topic" in refusals[0].getMessage()
