@@ -76,8 +76,12 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
 
     def load(role: str, choice: StageChoice) -> ModelSession:
         try:
-            return load_variant(manifest, role, choice, selection.threads,
-                                config.runtime.cache_dir, config.models.verify_sha256)
+            session = load_variant(manifest, role, choice, selection.threads,
+                                   config.runtime.cache_dir, config.models.verify_sha256)
+            # The heartbeat reports this, so it must be the precision in use, not
+            # the config's "auto".
+            session.precision = choice.precision
+            return session
         except (ManifestError, RuntimeNotInstalledError):
             raise
         except Exception as exc:

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 import yaml
 
+from agent.config import parse_config
 from agent.health import RunStats
+from agent.pipeline import build_pipeline
 from agent.service import _END_OF_SOURCE, _NO_FRAME, FrameQueue
 from agent.sources import Frame
 from tests.broker import MosquittoBroker, find_mosquitto, free_port
@@ -248,3 +250,22 @@ def test_frame_queue_end_marker_never_dropped() -> None:
     done.join(1.0)
     assert queue.get(0.1) is _END_OF_SOURCE
     assert stats.frames_dropped == 0
+
+
+def test_pipeline_records_precision_in_use(tmp_path: Path, model_dir: Path) -> None:
+    config = parse_config({
+        "device_id": "gate-01",
+        "models": {"dir": str(model_dir)},
+        "runtime": {"name": "onnxruntime", "precision": "int8", "batch_size": 2},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+    })
+
+    pipeline = build_pipeline(config)
+    try:
+        session = pipeline.embedder.session
+        assert session.runtime == "onnxruntime"
+        assert session.precision == "int8"
+        assert pipeline.embedder.batch_size == 2
+        assert pipeline.detector.pnet.precision == "fp32"
+    finally:
+        pipeline.gallery.close()

@@ -57,6 +57,7 @@ class ModelSession(abc.ABC):
 
     runtime: str
     provider: str  # the execution provider or delegate that runs most of the graph
+    precision: str = "fp32"  # the variant loaded; build_pipeline sets it from its selection
     input_name: str
     output_names: tuple[str, ...]
 
