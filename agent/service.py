@@ -329,8 +329,7 @@ class _Session:
             "runtime": {
                 "name": getattr(session, "runtime", config.runtime.name),
                 "provider": getattr(session, "provider", None),
-                # NOTE: model sessions do not record the precision they were loaded
-                # with, so this reads fp32 unless a runtime sets `precision` on them.
+                # build_pipeline sets `precision` on every session it loads.
                 "precision": getattr(session, "precision", "fp32"),
                 "batch_size": pipeline.embedder.batch_size if pipeline is not None else None,
             },
