@@ -175,6 +175,7 @@ class _Session:
             max_missed_frames=config.events.max_missed_frames,
         )
         self.last_capture_time = time.time()
+        self.events_mode = resolve_events_mode(config)
 
     def start(self) -> None:
         config = self.config
@@ -205,7 +206,7 @@ class _Session:
         self.capture = _Capture(config, self.stats)
         self.capture.start()
         log.info("agent %s started on source %r, events mode %s, client id %s",
-                 config.device_id, config.source.uri, config.events.mode,
+                 config.device_id, config.source.uri, self.events_mode,
                  config.mqtt_client_id)
 
     def loop(self, controls: Controls) -> tuple[str, Config | None]:
@@ -248,7 +249,7 @@ class _Session:
             log.info("%s: no face found", frame.source)
         self.stats.add(faces=len(recognitions))
         self.gallery_version = self.pipeline.gallery.version
-        if self.config.events.mode == "frame":
+        if self.events_mode == "frame":
             for recognition in recognitions:
                 self._submit_frame_event(frame, recognition)
         else:
@@ -333,7 +334,7 @@ class _Session:
                 "precision": getattr(session, "precision", "fp32"),
                 "batch_size": pipeline.embedder.batch_size if pipeline is not None else None,
             },
-            "events_mode": config.events.mode,
+            "events_mode": resolve_events_mode(config),
             "faces_per_second": round(self.face_rate.sample(), 3),
             "queue_depth": delivery.get("outbox_depth", 0),
             "dropped": delivery.get("events_dropped", 0),
@@ -534,3 +535,22 @@ def _install_signal_handlers(controls: Controls) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
+
+
+# Suffixes read as one still image when `source.uri` names a single file.
+STILL_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def resolve_events_mode(config: Config) -> str:
+    """Return the events mode in effect, resolving `auto` from the source.
+
+    Photos in a folder are unrelated scenes, so tracking a face across them would
+    merge different people into one appearance; they get one event per face.
+    """
+    mode = config.events.mode
+    if mode != "auto":
+        return mode
+    source = Path(config.source.uri)
+    if source.is_dir() or source.suffix.lower() in STILL_IMAGE_SUFFIXES:
+        return "frame"
+    return "appearance"
