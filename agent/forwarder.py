@@ -139,6 +139,9 @@ class Forwarder:
                 self._idle.wait(min(deadline - time.monotonic(), IDLE_WAIT_S))
         self._stop.set()
         self._wake.set()
+        if self._thread.ident is None:
+            # Never started: start-up failed before it, and close() must not hide that error.
+            return
         self._thread.join(max(deadline - time.monotonic(), 1.0))
         if self._thread.is_alive():
             log.warning("forwarder: thread did not stop within %.3g s", timeout_s)

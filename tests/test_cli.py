@@ -122,3 +122,25 @@ def test_truncated_model_without_verify_named(tmp_path: Path, model_dir: Path,
     assert "onet.onnx" in result.stderr
     assert "truncated or damaged" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_damaged_outbox_exits_2(tmp_path: Path, model_dir: Path,
+                                         example_data: Path) -> None:
+    outbox = tmp_path / "outbox.db"
+    outbox.write_bytes(b"not an SQLite file\n" * 100)
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "gate-01",
+        "models": {"dir": str(model_dir)},
+        "runtime": {"name": "onnxruntime", "precision": "fp32", "batch_size": 1},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "outbox": {"path": str(outbox)},
+        "source": {"uri": str(example_data / "val")},
+        "mqtt": {"host": "127.0.0.1", "port": 1},
+    }))
+
+    result = agent_cli("run", "--config", str(config))
+
+    assert result.returncode == 2
+    assert f"outbox {outbox}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -542,3 +542,12 @@ def test_refusal_count_grows_despite_other_deliveries(
     assert all(r.levelno == logging.DEBUG for r in refusals[1:])
     assert "refusal 2 in a row" in refusals[1].getMessage()
     assert "denied/topic" in refusals[0].getMessage()
+
+
+def test_forwarder_stop_before_start(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    forwarder = Forwarder(outbox, _RefusingPublisher("none"))  # type: ignore[arg-type]
+
+    forwarder.stop(timeout_s=0.1)  # must not raise "cannot join thread"
+
+    outbox.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.config import parse_config
-from agent.health import RunStats
+from agent.config import ConfigError, parse_config
+from agent.health import RunStats, start_metrics_server
 from agent.pipeline import build_pipeline
 from agent.service import _END_OF_SOURCE, _NO_FRAME, FrameQueue
 from agent.sources import Frame
@@ -269,3 +270,13 @@ def test_pipeline_records_precision_in_use(tmp_path: Path, model_dir: Path) -> N
         assert pipeline.detector.pnet.precision == "fp32"
     finally:
         pipeline.gallery.close()
+
+
+def test_metrics_port_in_use_is_config_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(ConfigError, match=f"health.prometheus_port: .*127.0.0.1:{port}"):
+            start_metrics_server("127.0.0.1", port, dict)
