@@ -248,7 +248,8 @@ class Forwarder:
                     on_acked=self._ack_handler(entry.seq, entry.event_id),
                 )
             except (ValueError, TypeError) as exc:
-                self._drop_unpublishable(entry.seq, entry.event_id, entry.topic, str(exc))
+                self._drop_unpublishable(entry.seq, entry.event_id, entry.topic,
+                                         str(exc).rstrip("."))
                 continue
             if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
                 self._drop_unpublishable(entry.seq, entry.event_id, entry.topic,
