@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,19 @@ from agent.config import ConfigError, parse_section
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+# A source checkout or editable install keeps the profiles next to the package; a
+# wheel installs them under <prefix>/share (see data-files in pyproject.toml).
+SOURCE_PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+INSTALLED_PROFILES_DIR = Path(sys.prefix) / "share" / "facenet-edge-agent" / "device_profiles"
+
+
+def default_profiles_dir() -> Path:
+    """Return the folder of the profiles shipped with the agent."""
+    if SOURCE_PROFILES_DIR.is_dir():
+        return SOURCE_PROFILES_DIR
+    return INSTALLED_PROFILES_DIR
+
+
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIMES = ("onnxruntime", "tflite", "tensorflow")
 
@@ -186,7 +199,7 @@ def detect_profile(profiles: dict[str, DeviceProfile],
 
 def resolve_profile(name: str, directory: Path | None) -> DeviceProfile:
     """Return the profile `name` from `directory`, or the detected one when `name` is auto."""
-    profiles = load_profiles(directory or DEFAULT_PROFILES_DIR)
+    profiles = load_profiles(directory or default_profiles_dir())
     if name == "auto":
         return detect_profile(profiles)
     if name not in profiles:

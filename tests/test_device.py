@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import ConfigError
 from agent.device import (
-    DEFAULT_PROFILES_DIR,
+    SOURCE_PROFILES_DIR,
     MachineFacts,
     detect_profile,
     load_profile,
@@ -26,7 +26,7 @@ def facts(machine: str, model: str = "", files: tuple[str, ...] = (),
 
 
 def test_shipped_profiles_load():
-    profiles = load_profiles(DEFAULT_PROFILES_DIR)
+    profiles = load_profiles(SOURCE_PROFILES_DIR)
     assert set(profiles) == SHIPPED
     for profile in profiles.values():
         assert profile.runtimes, profile.name
@@ -42,19 +42,19 @@ def test_shipped_profiles_load():
     (facts("x86_64", flags=("avx2",)), "x86_64-generic"),
 ])
 def test_detection_picks_board(machine_facts, expected):
-    profiles = load_profiles(DEFAULT_PROFILES_DIR)
+    profiles = load_profiles(SOURCE_PROFILES_DIR)
     assert detect_profile(profiles, machine_facts).name == expected
 
 
 def test_jetson_needs_tegra_release():
-    profiles = load_profiles(DEFAULT_PROFILES_DIR)
+    profiles = load_profiles(SOURCE_PROFILES_DIR)
     found = detect_profile(profiles, facts("aarch64", "NVIDIA Jetson TX2 Developer Kit"))
     assert found.name == "aarch64-generic"
 
 
 def test_no_match_names_profiles():
     with pytest.raises(ConfigError, match="set device.profile to one of aarch64-generic"):
-        detect_profile(load_profiles(DEFAULT_PROFILES_DIR), facts("riscv64"))
+        detect_profile(load_profiles(SOURCE_PROFILES_DIR), facts("riscv64"))
 
 
 def test_read_machine_facts_from_root(tmp_path: Path):
@@ -90,9 +90,28 @@ def test_config_overrides_detection():
      "memory_budget_mb: expected an integer, got 'lots'"),
 ])
 def test_profile_typo_names_key(tmp_path: Path, edit, message):
-    text = (DEFAULT_PROFILES_DIR / "x86_64-generic.yaml").read_text()
+    text = (SOURCE_PROFILES_DIR / "x86_64-generic.yaml").read_text()
     assert edit[0] in text
     path = tmp_path / "x86_64-generic.yaml"
     path.write_text(text.replace(edit[0], edit[1]))
     with pytest.raises(ConfigError, match=message):
         load_profile(path)
+
+
+def test_wheel_ships_profiles(tmp_path) -> None:
+    """A wheel install, as Ansible does it, finds the profiles without the source tree."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from tests.conftest import REPO_ROOT
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                    str(REPO_ROOT)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("facenet_edge_agent-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+
+    folder = "/share/facenet-edge-agent/device_profiles/"
+    shipped = {name.rsplit("/", 1)[-1] for name in names if folder in name}
+    expected = {p.name for p in SOURCE_PROFILES_DIR.glob("*.yaml")}
+    assert shipped == expected
