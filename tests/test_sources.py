@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from agent import sources
@@ -88,6 +89,10 @@ def test_video_run_publishes_per_frame(tmp_path: Path, example_data: Path, model
     write_video(video, photos, repeats=2)
     config_path = write_config(tmp_path / "agent.yaml", model_dir, tmp_path / "gallery.db",
                                video, mqtt_broker.port)
+    # A video source defaults to appearance events; this test checks one event per frame.
+    config = yaml.safe_load(config_path.read_text())
+    config["events"] = {"mode": "frame"}
+    config_path.write_text(yaml.safe_dump(config))
     subscriber = mqtt_broker.subscriber(EVENT_TOPIC)
 
     status = run_agent(load_config(config_path))
