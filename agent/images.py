@@ -16,8 +16,8 @@ MAX_PIXELS = 100_000_000
 
 # A second guard for every format, including those whose header is not parsed here.
 # OpenCV 5.1 reads this variable once, when the cv2 module loads, so it must be set
-# before the first `import cv2` in the process. NOTE: a module imported before this
-# one that imports cv2 (detect, align) makes this line a no-op.
+# before the first `import cv2` in the process; agent/__init__.py sets it too, for
+# modules that import cv2 before this one.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 import cv2  # noqa: E402

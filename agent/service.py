@@ -520,7 +520,7 @@ class _Capture:
         self.frames.put(_END_OF_SOURCE)
 
     def _frames(self) -> Iterator[Frame]:
-        return open_source(self.uri, self._frame_step, self._max_frames)
+        return open_source(self.uri, self._frame_step, self._max_frames, stop=self._stop)
 
 
 def _install_signal_handlers(controls: Controls) -> None:
