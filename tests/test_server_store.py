@@ -113,6 +113,22 @@ def test_publication_version_is_monotonic(store: ServerStore) -> None:
     assert store.published_objects("g") == {("snapshot", 1): b"s"}
 
 
+def test_unpublished_changes_found(store: ServerStore) -> None:
+    store.ensure_group("g", "m", 4, "euclidean")
+    store.put_identity("g", "a", "A", rows(1, 1), ["s"])
+    store.put_identity("g", "b", "B", rows(1, 2), ["s"])
+    store.commit_publication("g", 1, b"m1", {i.identity_id: i.digest
+                                             for i in store.identities("g")}, {}, set())
+    store.put_identity("g", "a", "A", rows(1, 3), ["s"])
+    store.remove_identity("g", "b")
+    store.put_identity("g", "c", "C", rows(1, 4), ["s"])
+
+    changed, removed = store.unpublished_changes("g")
+
+    assert changed == {"a": True, "c": False}
+    assert removed == ["b"]
+
+
 def test_sightings_skip_duplicate_events(store: ServerStore) -> None:
     from agent.server.store import Sighting
 
@@ -199,9 +215,13 @@ def test_store_without_digest_column_upgraded(tmp_path: Path) -> None:
 
     store = SqliteStore(path)
     store.put_identity("g", "alice", "Alice", rows(1, 6), ["b"])
-    digests = store.identity_digests("g")
+    changed, removed = store.unpublished_changes("g")
+    store.commit_publication("g", 1, b"m", {i.identity_id: i.digest
+                                            for i in store.identities("g")}, {}, set())
 
-    assert digests == {i.identity_id: i.digest for i in store.identities("g")}
+    assert changed == {"alice": False, "bob": False}
+    assert removed == []
+    assert store.unpublished_changes("g") == ({}, [])
     store.close()
 
 

@@ -135,29 +135,28 @@ class GalleryPublisher:
         """
         info = self.store.group_info(group)
         previous = self._stored_manifest(group)
-        published = self.store.published_digests(group)
         if previous is not None and not force_snapshot:
-            digests = self.store.identity_digests(group)
-            changed_ids = sorted(i for i, digest in digests.items() if published.get(i) != digest)
-            removed = sorted(set(published) - set(digests))
-            if not changed_ids and not removed:
+            was_published, removed = self.store.unpublished_changes(group)
+            if not was_published and not removed:
                 return None
-            changed = self.store.identities(group, changed_ids)
+            changed = self.store.identities(group, sorted(was_published))
+            published = {i.identity_id for i in changed if was_published[i.identity_id]}
             publication = self._commit_version(info, previous, published, changed, removed,
                                                current=None, force_snapshot=False)
             if publication is not None:
                 return publication
 
+        digests = self.store.published_digests(group)
         current = self.store.identities(group)
-        changed = [i for i in current if published.get(i.identity_id) != i.digest]
-        removed = sorted(set(published) - {i.identity_id for i in current})
+        changed = [i for i in current if digests.get(i.identity_id) != i.digest]
+        removed = sorted(set(digests) - {i.identity_id for i in current})
         if not changed and not removed and previous is not None and not force_snapshot:
             return None
-        return self._commit_version(info, previous, published, changed, removed,
+        return self._commit_version(info, previous, set(digests), changed, removed,
                                     current=current, force_snapshot=force_snapshot)
 
     def _commit_version(self, info: GroupInfo, previous: Manifest | None,
-                        published: dict[str, str], changed: list[StoredIdentity],
+                        published: set[str], changed: list[StoredIdentity],
                         removed: list[str], current: list[StoredIdentity] | None,
                         force_snapshot: bool) -> Publication | None:
         """Build, sign and commit the next version from the changed and removed identities.
@@ -422,9 +421,12 @@ class GalleryPublisher:
         self.republish(group, include_snapshot=True)
 
 
-def _delta_changes(changed: list[StoredIdentity], published: dict[str, str],
+def _delta_changes(changed: list[StoredIdentity], published: set[str],
                    removed: list[str], embedding_size: int) -> list[tuple[str, str, str, Any]]:
-    """Return the delta operations for the changed and removed identities."""
+    """Return the delta operations for the changed and removed identities.
+
+    `published` contains the ids of changed identities that devices already have.
+    """
     import numpy as np
 
     changes: list[tuple[str, str, str, Any]] = [

@@ -279,16 +279,39 @@ class ServerStore(abc.ABC):
                 f"AND identity_id IN ({marks}) ORDER BY id", (group, *part))
         return names, rows
 
-    def identity_digests(self, group: str) -> dict[str, str]:
-        """Return the digest of every identity of the group, without reading its embeddings."""
-        digests = dict(self._query(
-            "SELECT identity_id, digest FROM server_identities WHERE group_id = ?", (group,)))
-        missing = [identity_id for identity_id, digest in digests.items() if digest is None]
-        if missing:
-            # Rows written before the digest column existed.
-            for identity in self.identities(group, missing):
-                digests[identity.identity_id] = identity.digest
-        return digests
+    def unpublished_changes(self, group: str) -> tuple[dict[str, bool], list[str]]:
+        """Compare the identities with the published digests, inside the database.
+
+        Returns the identities whose digest differs from the published one, each
+        mapped to whether it was published before, and the published identities
+        that no longer exist, sorted.
+        """
+        self._fill_missing_digests(group)
+        changed = {identity_id: published is not None for identity_id, published in self._query(
+            "SELECT i.identity_id, p.digest FROM server_identities i "
+            "LEFT JOIN published_identities p "
+            "ON p.group_id = i.group_id AND p.identity_id = i.identity_id "
+            "WHERE i.group_id = ? AND (p.digest IS NULL OR p.digest <> i.digest)", (group,))}
+        removed = [str(row[0]) for row in self._query(
+            "SELECT p.identity_id FROM published_identities p "
+            "LEFT JOIN server_identities i "
+            "ON i.group_id = p.group_id AND i.identity_id = p.identity_id "
+            "WHERE p.group_id = ? AND i.identity_id IS NULL ORDER BY p.identity_id", (group,))]
+        return changed, removed
+
+    def _fill_missing_digests(self, group: str) -> None:
+        """Compute the digests of identities written before the digest column existed."""
+        missing = [str(row[0]) for row in self._query(
+            "SELECT identity_id FROM server_identities WHERE group_id = ? AND digest IS NULL",
+            (group,))]
+        if not missing:
+            return
+        with self._transaction():
+            self._executemany(
+                "UPDATE server_identities SET digest = ? WHERE group_id = ? AND identity_id = ?",
+                [(i.digest, group, i.identity_id) for i in self.identities(group, missing)])
+        log.info("store %s: computed the digests of %d identities of group %s",
+                 self.description, len(missing), group)
 
     # Publications
 
