@@ -551,3 +551,25 @@ def test_forwarder_stop_before_start(tmp_path: Path) -> None:
     forwarder.stop(timeout_s=0.1)  # must not raise "cannot join thread"
 
     outbox.close()
+
+
+def test_hung_broker_gets_no_tls_hint(tmp_path: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.mqtt")
+    broker = new_broker(tmp_path)
+    broker.pause()  # accepts TCP, answers nothing
+    publisher = MqttPublisher("127.0.0.1", broker.port, "test-hung-broker",
+                              status_topic="facenet/gate-01/status", keepalive=1,
+                              **FAST_RECONNECT)
+    try:
+        publisher.start()
+        assert wait_until(lambda: any("connection attempt" in r.getMessage()
+                                      for r in caplog.records))
+    finally:
+        publisher.stop(timeout_s=0.2)
+        broker.resume()
+        broker.close()
+
+    failures = [r.getMessage() for r in caplog.records if "connection attempt" in r.getMessage()]
+    assert "no CONNACK within the keep-alive time" in failures[0]
+    assert "mqtt.tls" not in failures[0]
