@@ -27,7 +27,7 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # from being read into memory before any check runs.
 MAX_CONFIG_BYTES = 1024 * 1024
 
-# Longest repr of a bad value that an error message shows.
+# Maximum length of the repr of a bad value in an error message.
 _MAX_VALUE_REPR = 100
 
 

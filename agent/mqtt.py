@@ -55,8 +55,8 @@ PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 # Queue slots that events cannot take, kept for one online and one offline status.
 _STATUS_SLOTS = 2
 
-# MQTT 5 reason code 141, which paho also reports when the broker never answered the
-# CONNECT within the keep-alive time.
+# MQTT 5 reason code 141, which paho also reports when the broker sent no CONNACK
+# within the keep-alive time.
 _KEEPALIVE_TIMEOUT = 141
 
 LOG_PAYLOAD_BYTES = 64
