@@ -115,7 +115,7 @@ def test_delivery_settings_checked(raw: dict, message: str) -> None:
 def test_delivery_defaults() -> None:
     config = parse_config({"device_id": "gate-01"})
 
-    assert config.events.mode == "appearance"
+    assert config.events.mode == "auto"
     assert config.outbox.full_policy == "drop_oldest"
     assert config.outbox.sync == "full"
     assert config.mqtt.protocol == "5"
