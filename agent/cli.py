@@ -129,7 +129,7 @@ def _models_verify(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from agent.enroll import enroll_folder
+    from agent.enroll import EnrollError, enroll_folder, identity_ids
     from agent.pipeline import build_pipeline
 
     config = load_config(args.config)
@@ -140,9 +140,16 @@ def _enroll(args: argparse.Namespace) -> int:
         print(f"facenet-agent: enroll: {args.folder} is not a folder; expected a folder with "
               "one sub-folder of photos per person", file=sys.stderr)
         return 2
-    if not any(child.is_dir() for child in args.folder.iterdir()):
+    people = sorted(child for child in args.folder.iterdir()
+                    if child.is_dir() and not child.name.startswith("."))
+    if not people:
         print(f"facenet-agent: enroll: {args.folder} has no sub-folders; expected one "
               "sub-folder of photos per person, named after the person", file=sys.stderr)
+        return 2
+    try:
+        identity_ids(people)
+    except EnrollError as exc:
+        print(f"facenet-agent: enroll: {exc}", file=sys.stderr)
         return 2
     pipeline = build_pipeline(config)
     report = enroll_folder(pipeline, args.folder)

@@ -144,3 +144,24 @@ def test_run_with_damaged_outbox_exits_2(tmp_path: Path, model_dir: Path,
     assert result.returncode == 2
     assert f"outbox {outbox}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_enroll_name_clash_rejected_before_loading(tmp_path: Path) -> None:
+    people = tmp_path / "people"
+    (people / "Anna Maria").mkdir(parents=True)
+    (people / "anna-maria").mkdir()
+    config = tmp_path / "agent.yaml"
+    # The models folder does not exist: the clash must be reported before loading.
+    config.write_text(yaml.safe_dump({
+        "device_id": "gate-01",
+        "models": {"dir": str(tmp_path / "no-models")},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+    }))
+
+    result = agent_cli("enroll", str(people), "--config", str(config))
+
+    assert result.returncode == 2
+    assert "Anna Maria" in result.stderr
+    assert "anna-maria" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "gallery.db").exists()
