@@ -27,6 +27,7 @@ cat > "$WORK/agent.yaml" <<YAML
 device_id: demo-01
 models: {dir: $PWD/.cache/models}
 gallery: {path: $WORK/gallery.db}
+outbox: {path: $WORK/outbox.db}
 source: {uri: $DATA/val}
 mqtt: {host: 127.0.0.1, port: $PORT}
 log_level: WARNING
