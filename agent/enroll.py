@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.gallery import Gallery
 from agent.images import ImageError, read_image
 from agent.pipeline import Pipeline
 
@@ -93,7 +92,7 @@ def enroll_folder(pipeline: Pipeline, root: Path) -> EnrollReport:
     report = EnrollReport()
     for person in people:
         identity_id = ids[person]
-        stored = _stored_sources(pipeline.gallery, identity_id)
+        stored = pipeline.gallery.sources(identity_id)
         vectors, sources = _embed_person(pipeline, person, report, stored)
         if not vectors:
             if stored:
@@ -108,15 +107,6 @@ def enroll_folder(pipeline: Pipeline, root: Path) -> EnrollReport:
         )
         report.identities[identity_id] = len(vectors) + len(stored)
     return report
-
-
-def _stored_sources(gallery: Gallery, identity_id: str) -> set[str]:
-    # NOTE: Gallery has no public query for stored sources, so this reads its
-    # table directly; replace with a Gallery method when one exists.
-    rows = gallery._db.execute(
-        "SELECT DISTINCT source FROM embeddings WHERE identity_id = ?", (identity_id,)
-    ).fetchall()
-    return {str(row[0]) for row in rows}
 
 
 def _embed_person(pipeline: Pipeline, person: Path, report: EnrollReport,

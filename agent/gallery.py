@@ -171,6 +171,13 @@ class Gallery:
         """True when match() uses the approximate index."""
         return self._state.index is not None
 
+    def sources(self, identity_id: str) -> set[str]:
+        """Return the distinct sources (such as photo paths) stored for an identity."""
+        rows = self._db.execute(
+            "SELECT DISTINCT source FROM embeddings WHERE identity_id = ?", (identity_id,)
+        ).fetchall()
+        return {str(row[0]) for row in rows}
+
     def add(self, identity_id: str, name: str, vectors: np.ndarray, sources: list[str]) -> int:
         """Store embeddings for one identity (created if new) and bump the gallery version."""
         vectors = np.asarray(vectors, dtype=np.float32)

@@ -214,3 +214,9 @@ def test_unusable_gallery_path_raises_gallery_error(tmp_path: Path, kind: str) -
 
     with pytest.raises(GalleryError, match=f"gallery {path}"):
         Gallery(path, "model-a", 4)
+
+
+def test_sources_lists_stored_photos(gallery: Gallery) -> None:
+    assert gallery.sources("alice") == {"a1.jpg", "a2.jpg"}
+    assert gallery.sources("bob") == {"b1.jpg"}
+    assert gallery.sources("nobody") == set()
