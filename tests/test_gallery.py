@@ -220,3 +220,16 @@ def test_sources_lists_stored_photos(gallery: Gallery) -> None:
     assert gallery.sources("alice") == {"a1.jpg", "a2.jpg"}
     assert gallery.sources("bob") == {"b1.jpg"}
     assert gallery.sources("nobody") == set()
+
+
+def test_exact_search_across_blocks(tmp_path: Path) -> None:
+    from agent.gallery import EXACT_BLOCK_ROWS
+
+    rows = _random_unit_rows(2 * EXACT_BLOCK_ROWS + 100, 8, seed=6)
+    store = _synced_gallery(tmp_path / "gallery.db", rows, "exact")
+    picked = [0, EXACT_BLOCK_ROWS - 1, EXACT_BLOCK_ROWS, 2 * EXACT_BLOCK_ROWS + 99]
+
+    matches = store.match(rows[picked], threshold=0.01, metric="euclidean")
+
+    assert [m.identity_id for m in matches] == [f"id-{i}" for i in picked]
+    assert all(m.distance < 1e-3 for m in matches)
