@@ -58,6 +58,10 @@ QUEUE_PUT_TIMEOUT_S = 5.0
 # Delta chunks that arrive before the manifest that lists them are kept, up to
 # this many bytes, until that manifest comes.
 UNVERIFIED_BYTES = 8 * 1024 * 1024
+# Bytes charged per kept chunk on top of its payload: the key, the digest text and
+# the dict slot, about 300 bytes measured with tracemalloc. Without it, a flood of
+# one-byte chunks would hold millions of entries under the byte cap.
+UNVERIFIED_ENTRY_OVERHEAD = 512
 REJECT_LOG_INTERVAL_S = 1.0
 
 
@@ -688,7 +692,7 @@ class GallerySync:
         if key in self._unverified:
             return
         self._unverified[key] = payload
-        self._unverified_bytes += len(payload)
+        self._unverified_bytes += len(payload) + UNVERIFIED_ENTRY_OVERHEAD
         while self._unverified_bytes > UNVERIFIED_BYTES:
             oldest = next(iter(self._unverified))
             log.debug("gallery sync %s: dropped unverified chunk %s to stay under %d bytes",
@@ -696,7 +700,7 @@ class GallerySync:
             self._drop_unverified(oldest)
 
     def _drop_unverified(self, key: tuple[ChunkAddress, str]) -> None:
-        self._unverified_bytes -= len(self._unverified.pop(key))
+        self._unverified_bytes -= len(self._unverified.pop(key)) + UNVERIFIED_ENTRY_OVERHEAD
 
     def _spool_path(self, version: int) -> Path:
         path = self.gallery.path
