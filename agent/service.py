@@ -239,8 +239,8 @@ class _Session:
         try:
             recognitions = self.pipeline.recognize(frame.image)
         except Exception:
-            # Any failure on one frame (a runtime error on an odd shape, say) must not
-            # stop the agent; the traceback goes to the log with the frame's source.
+            # A failure on one frame, such as a runtime error on an odd shape, must not
+            # stop the agent. The traceback goes to the log with the frame's source.
             log.exception("recognition failed on %s; skipping it", frame.source)
             self.stats.add(skipped=1)
             return
@@ -544,8 +544,9 @@ STILL_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp
 def resolve_events_mode(config: Config) -> str:
     """Return the events mode in effect, resolving `auto` from the source.
 
-    Photos in a folder are unrelated scenes, so tracking a face across them would
-    merge different people into one appearance; they get one event per face.
+    Photos in a folder are unrelated scenes, and tracking a face across them
+    would merge different people into one appearance. So they get one event
+    per face.
     """
     mode = config.events.mode
     if mode != "auto":
