@@ -2,10 +2,11 @@
 
 Matching is exact and vectorised: for unit-length embeddings the Euclidean
 distance is sqrt(2 - 2 * dot), so a batch of faces is matched against every
-stored embedding with float32 matrix products (BLAS sgemm), one per block of
-EXACT_BLOCK_ROWS rows. The matrix is kept column-major, because OpenBLAS
-multiplies by its C-contiguous transpose about 1.6 times as fast as by the
-row-major one (benchmarks/exact_match.py).
+stored embedding with float32 matrix products (BLAS sgemm). There is one
+product per block of EXACT_BLOCK_ROWS rows, spread over a few threads. The
+matrix is kept column-major, because OpenBLAS multiplies by its C-contiguous
+transpose about 1.6 times as fast as by the row-major one
+(benchmarks/exact_match.py).
 
 Above `approximate_min_rows` rows an HNSW index (agent/gallery_index.py) can
 serve matches instead. It is built in a background thread after each change,
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,9 +63,35 @@ CREATE INDEX IF NOT EXISTS embeddings_identity ON embeddings(identity_id);
 
 METRICS = ("euclidean", "squared_euclidean")
 # Gallery rows per matrix product in exact search: 2 MiB of scores for a batch of
-# 32 faces. With two idle cores this ran a 32 x 100k batch in 7.3 ms against 15 ms
-# for one product over the whole gallery (benchmarks/exact_match.py).
+# 32 faces, which stays in L2.
 EXACT_BLOCK_ROWS = 16_384
+# Threads that share the blocks of one exact search. Each calls BLAS with one
+# thread: OpenBLAS's own threads wait for each other at the end of every
+# product, and a batch took up to 125 ms instead of 15 when another process
+# held one of 2 cores. Free workers take the next block instead.
+EXACT_WORKERS = min(os.cpu_count() or 1, 4)
+_exact_pool: ThreadPoolExecutor | None = None
+_blas_controller: object | None = None
+_pool_lock = threading.Lock()
+
+
+def _exact_workers() -> tuple[ThreadPoolExecutor, contextlib.AbstractContextManager[object]]:
+    """Return the shared exact-search threads and a context that runs BLAS on one thread."""
+    global _exact_pool, _blas_controller
+    with _pool_lock:
+        if _exact_pool is None:
+            _exact_pool = ThreadPoolExecutor(EXACT_WORKERS, thread_name_prefix="gallery-match")
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _blas_controller = ThreadpoolController()
+            except ImportError:
+                log.warning("threadpoolctl is not installed, so exact search cannot limit "
+                            "BLAS to one thread per block; pip install threadpoolctl")
+    if _blas_controller is None:
+        return _exact_pool, contextlib.nullcontext()
+    return _exact_pool, _blas_controller.limit(  # type: ignore[attr-defined]
+        limits=1, user_api="blas")
 
 
 class GalleryError(RuntimeError):
@@ -113,7 +142,7 @@ class Gallery:
         self.approximate_min_rows = approximate_min_rows
         # Serialises writes and state swaps; match() takes no lock.
         self._lock = threading.RLock()
-        # Per-thread score buffer for exact search, reused across batches.
+        # Score buffer of each thread that runs exact search, reused across batches.
         self._scores = threading.local()
         # Index builds run one at a time in one thread, for the newest state.
         self._index_pending: _GalleryState | None = None
@@ -258,33 +287,42 @@ class Gallery:
                        queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (nearest row, its dot product) for each query, by matrix products.
 
-        The gallery is multiplied in blocks of EXACT_BLOCK_ROWS rows, so that the
-        scores stay in the L2 cache and the buffer does not grow with the gallery.
-        The largest dot product is the smallest distance, so only the best row
-        per face leaves each block.
+        The gallery is multiplied in blocks of EXACT_BLOCK_ROWS rows, on the
+        shared worker threads when there is more than one block. The largest
+        dot product is the smallest distance, so only the best row per face
+        leaves each block.
         """
-        count = len(queries)
-        scores = self._scores_buffer(count)
         columns = state.vectors.T  # C-contiguous, because the matrix is column-major
-        every_query = np.arange(count)
-        nearest = np.zeros(count, dtype=np.int64)
-        best_dot = np.full(count, -np.inf, dtype=np.float32)
-        for start in range(0, columns.shape[1], EXACT_BLOCK_ROWS):
-            block = columns[:, start:start + EXACT_BLOCK_ROWS]
-            dots = np.matmul(queries, block, out=scores[:, :block.shape[1]])
-            block_nearest = np.argmax(dots, axis=1)
-            block_best = dots[every_query, block_nearest]
+        starts = range(0, columns.shape[1], EXACT_BLOCK_ROWS)
+        if len(starts) == 1:
+            results = [self._nearest_in_block(columns, queries, 0)]
+        else:
+            pool, one_blas_thread = _exact_workers()
+            # NOTE: the BLAS limit is process-wide while it lasts, so a large numpy
+            # product in another thread runs on one core during the search.
+            with one_blas_thread:
+                results = list(pool.map(
+                    lambda start: self._nearest_in_block(columns, queries, start), starts))
+
+        nearest = np.zeros(len(queries), dtype=np.int64)
+        best_dot = np.full(len(queries), -np.inf, dtype=np.float32)
+        for block_nearest, block_best in results:
             better = block_best > best_dot
-            nearest[better] = block_nearest[better] + start
+            nearest[better] = block_nearest[better]
             best_dot[better] = block_best[better]
         return nearest, best_dot
 
-    def _scores_buffer(self, queries: int) -> np.ndarray:
+    def _nearest_in_block(self, columns: np.ndarray, queries: np.ndarray,
+                          start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return (gallery row, dot product) of each query's best row in one block."""
+        block = columns[:, start:start + EXACT_BLOCK_ROWS]
         buffer: np.ndarray | None = getattr(self._scores, "buffer", None)
-        if buffer is None or buffer.shape[0] < queries:
-            buffer = np.empty((queries, EXACT_BLOCK_ROWS), np.float32)
+        if buffer is None or buffer.shape[0] < len(queries):
+            buffer = np.empty((len(queries), EXACT_BLOCK_ROWS), np.float32)
             self._scores.buffer = buffer
-        return buffer[:queries]
+        dots = np.matmul(queries, block, out=buffer[:len(queries), :block.shape[1]])
+        best = np.argmax(dots, axis=1)
+        return best + start, dots[np.arange(len(queries)), best]
 
     def apply_snapshot(self, group: str, version: int, changes: Sequence[IdentityChange],
                        vectors: np.ndarray) -> None:

@@ -5,9 +5,10 @@ first measures this machine's float32 sgemm peak on a 2048^3 product, which
 bounds the batch from below, then times the variants of one matrix product plus
 a row-wise argmax, and last the agent's own `Gallery.match`. Each variant runs
 with OpenBLAS on 1 and on 2 threads, in a child process per thread count,
-because OpenBLAS reads OPENBLAS_NUM_THREADS only at import. Usage:
+because OpenBLAS reads OPENBLAS_NUM_THREADS only at import. With --busy-core a
+process spins on one core meanwhile, as inference would on a device. Usage:
 
-    python benchmarks/exact_match.py [--rows 100000] [--repeats 50]
+    python benchmarks/exact_match.py [--rows 100000] [--repeats 50] [--busy-core]
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def variants(gallery: np.ndarray, batch: np.ndarray) -> dict[str, Callable[[], n
     }
 
 
-def time_gallery_match(gallery: np.ndarray, batch: np.ndarray, repeats: int) -> float:
-    """Return the fastest `Gallery.match` of the batch, in seconds, with exact search."""
+def time_gallery_match(gallery: np.ndarray, batch: np.ndarray,
+                       repeats: int) -> tuple[float, float]:
+    """Return the (min, median) seconds of `Gallery.match` of the batch, with exact search."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from agent.gallery import Gallery
     from agent.gallery_protocol import IdentityChange
@@ -98,9 +100,9 @@ def time_gallery_match(gallery: np.ndarray, batch: np.ndarray, repeats: int) -> 
         changes = [IdentityChange(f"id-{i}", "N", "add", i, 1) for i in range(len(gallery))]
         store.apply_snapshot("bench", 1, changes, gallery)
         store.match(batch, threshold=1.1, metric="euclidean")
-        fastest, _ = best_of(repeats, lambda: store.match(batch, 1.1, "euclidean"))
+        timings = best_of(repeats, lambda: store.match(batch, 1.1, "euclidean"))
         store.close()
-    return fastest
+    return timings
 
 
 def run_child(rows: int, repeats: int) -> None:
@@ -119,9 +121,9 @@ def run_child(rows: int, repeats: int) -> None:
         fastest, median = best_of(repeats, nearest)
         print(f"{name}: min {fastest * 1e3:.2f} ms, median {median * 1e3:.2f} ms, "
               f"{flop / fastest / 1e9:.0f} GFLOP/s at min", flush=True)
-    fastest = time_gallery_match(gallery, batch, repeats)
-    print(f"Gallery.match (agent, exact): min {fastest * 1e3:.2f} ms; load "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    fastest, median = time_gallery_match(gallery, batch, repeats)
+    print(f"Gallery.match (agent, exact): min {fastest * 1e3:.2f} ms, median "
+          f"{median * 1e3:.2f} ms; load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main() -> None:
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", default="1,2", help="OpenBLAS thread counts to try")
+    parser.add_argument("--busy-core", action="store_true",
+                        help="keep one core busy with a spinning process during the runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -137,11 +141,19 @@ def main() -> None:
 
     print(f"# {machine_line()}")
     print(f"# batch {BATCH} x {args.rows} rows x {DIMENSION}: "
-          f"{2 * BATCH * args.rows * DIMENSION / 1e9:.2f} GFLOP", flush=True)
-    for threads in args.threads.split(","):
-        environment = {**os.environ, "OPENBLAS_NUM_THREADS": threads}
-        subprocess.run([sys.executable, __file__, "--child", "--rows", str(args.rows),
-                        "--repeats", str(args.repeats)], env=environment, check=True)
+          f"{2 * BATCH * args.rows * DIMENSION / 1e9:.2f} GFLOP"
+          f"{', one core kept busy' if args.busy_core else ''}", flush=True)
+    spinner = None
+    if args.busy_core:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for threads in args.threads.split(","):
+            environment = {**os.environ, "OPENBLAS_NUM_THREADS": threads}
+            subprocess.run([sys.executable, __file__, "--child", "--rows", str(args.rows),
+                            "--repeats", str(args.repeats)], env=environment, check=True)
+    finally:
+        if spinner is not None:
+            spinner.kill()
 
 
 if __name__ == "__main__":
