@@ -206,6 +206,12 @@ def test_kill_9_while_publishing_loses_nothing(tmp_path: Path,
     try:
         producer.wait_for(lambda: len(producer.stored) >= 400, 30.0)
         assert wait_until(lambda: len(subscriber.messages) >= 100)
+        # Freeze the broker so that events stored from now on cannot be
+        # acknowledged: the kill then surely lands while events are in flight,
+        # however slow or fast this machine is.
+        broker.pause()
+        stored_at_pause = len(producer.stored)
+        producer.wait_for(lambda: len(producer.stored) >= stored_at_pause + 50, 30.0)
         producer.process.send_signal(signal.SIGKILL)
         producer.finish(timeout_s=TIMEOUT_S)
     finally:
@@ -213,6 +219,7 @@ def test_kill_9_while_publishing_loses_nothing(tmp_path: Path,
     stored = dict(producer.stored)
     received_before_restart = {json.loads(m.payload)["event_id"] for m in subscriber.messages}
     assert len(received_before_restart) < len(stored), "the kill came after everything arrived"
+    broker.resume()
 
     restarted = Producer(config, rate=1.0, count=0)
     try:
