@@ -110,7 +110,9 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
         embedding_size=manifest.embedding_size,
         batch_size=selection.embedder.batch_size,
     )
-    gallery = Gallery(config.gallery.path, manifest.model_id, manifest.embedding_size)
+    gallery = Gallery(config.gallery.path, manifest.model_id, manifest.embedding_size,
+                      index_mode=config.matching.index,
+                      approximate_min_rows=config.matching.approximate_min_rows)
 
     pipeline = Pipeline(manifest, detector, embedder, gallery, config)
     _warm_up(pipeline)

@@ -233,3 +233,21 @@ def test_exact_search_across_blocks(tmp_path: Path) -> None:
 
     assert [m.identity_id for m in matches] == [f"id-{i}" for i in picked]
     assert all(m.distance < 1e-3 for m in matches)
+
+
+def test_pipeline_gallery_uses_matching_index(tmp_path: Path, model_dir: Path) -> None:
+    from agent.config import parse_config
+    from agent.pipeline import build_pipeline
+
+    config = parse_config({
+        "device_id": "gate-01",
+        "models": {"dir": str(model_dir)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "matching": {"index": "approximate", "approximate_min_rows": 5000},
+    })
+
+    gallery = build_pipeline(config).gallery
+
+    assert gallery.index_mode == "approximate"
+    assert gallery.approximate_min_rows == 5000
+    gallery.close()
