@@ -23,11 +23,16 @@ log = logging.getLogger(__name__)
 INDEX_MODES = ("exact", "approximate", "auto")
 
 # HNSW settings: graph degree M, and the candidate list sizes while building
-# (efConstruction) and while searching (efSearch). See docs/benchmarks.md for
-# the recall and latency that benchmarks/ann_choice.py measured with them.
+# (efConstruction) and while searching (efSearch). benchmarks/ann_choice.py
+# measured recall@1 1.000 against exact search with efSearch 64 at 100k random
+# 128-d rows, but only 0.823 at 1M rows, where efSearch 384 was needed for 1.000
+# (0.991 at 256). docs/benchmarks.md has the latencies.
 CONNECTIVITY = 32
 EXPANSION_ADD = 200
-EXPANSION_SEARCH = 64
+EXPANSION_SEARCH_SMALL = 64
+SMALL_INDEX_ROWS = 100_000
+# NOTE: between 100k and 1M rows recall was not measured; 384 is the 1M value.
+EXPANSION_SEARCH_LARGE = 384
 # Rows added per call while building, so that a cancelled build stops soon.
 BUILD_SLICE_ROWS = 20_000
 
@@ -44,6 +49,11 @@ class ApproximateIndex:
         dots, rows = self._index.search(  # type: ignore[attr-defined]
             np.ascontiguousarray(queries, dtype=np.float32), 1)
         return rows[:, 0].astype(np.int64), dots[:, 0]
+
+
+def search_expansion(rows: int) -> int:
+    """Return the efSearch that reached recall@1 1.000 in the benchmark at this size."""
+    return EXPANSION_SEARCH_SMALL if rows <= SMALL_INDEX_ROWS else EXPANSION_SEARCH_LARGE
 
 
 def build_index(vectors: np.ndarray, threads: int = 0,
@@ -65,7 +75,7 @@ def build_index(vectors: np.ndarray, threads: int = 0,
     faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
     index = faiss.IndexHNSWFlat(vectors.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EXPANSION_ADD
-    index.hnsw.efSearch = EXPANSION_SEARCH
+    index.hnsw.efSearch = search_expansion(len(vectors))
     for start in range(0, len(vectors), BUILD_SLICE_ROWS):
         if cancelled is not None and cancelled():
             log.info("HNSW index build cancelled after %d of %d rows", start, len(vectors))

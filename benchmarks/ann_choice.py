@@ -6,8 +6,10 @@ random 128-d unit vectors. "near" probes lie at Euclidean distance 0.7 from a
 gallery row, as two photos of one person do with FaceNet, and "random" probes are
 unrelated unit vectors. The index is built once per library, and ef is changed
 between searches, which all three allow. Libraries that are not installed are
-skipped. A faiss index can be saved and loaded again, to repeat the searches
-without the build, which takes minutes at 1M rows on 2 cores. Usage:
+skipped. "faiss-ivf" builds faiss's IVFFlat with 4 * sqrt(rows) lists instead,
+and reads the ef values as the number of lists to search. A faiss HNSW index
+can be saved and loaded again, to repeat the searches without the build, which
+took 42 minutes at 1M rows on the 2 shared cores of docs/benchmarks.md. Usage:
 
     python benchmarks/ann_choice.py --rows 100000 [--libraries faiss,usearch,hnswlib]
     python benchmarks/ann_choice.py --rows 1000000 --libraries faiss --index-file /tmp/1m.faiss
@@ -49,6 +51,7 @@ def build_faiss(vectors: np.ndarray, connectivity: int, ef_construction: int,
         index.add(vectors)
         if index_file is not None:
             faiss.write_index(index, str(index_file))
+    faiss.omp_set_num_threads(SEARCH_THREADS)
 
     def set_ef(ef: int) -> None:
         index.hnsw.efSearch = ef
@@ -72,7 +75,7 @@ def build_usearch(vectors: np.ndarray, connectivity: int, ef_construction: int,
         index.expansion_search = ef
 
     def search(queries: np.ndarray) -> np.ndarray:
-        return np.asarray(index.search(queries, 1, threads=threads).keys).reshape(-1)
+        return np.asarray(index.search(queries, 1, threads=SEARCH_THREADS).keys).reshape(-1)
 
     return search, set_ef
 
@@ -86,6 +89,7 @@ def build_hnswlib(vectors: np.ndarray, connectivity: int, ef_construction: int,
     index.init_index(max_elements=len(vectors), ef_construction=ef_construction, M=connectivity)
     index.set_num_threads(threads)
     index.add_items(vectors, np.arange(len(vectors)))
+    index.set_num_threads(SEARCH_THREADS)
 
     def search(queries: np.ndarray) -> np.ndarray:
         return index.knn_query(queries, k=1)[0].reshape(-1)
@@ -93,7 +97,34 @@ def build_hnswlib(vectors: np.ndarray, connectivity: int, ef_construction: int,
     return search, index.set_ef
 
 
-BUILDERS = {"faiss": build_faiss, "usearch": build_usearch, "hnswlib": build_hnswlib}
+def build_faiss_ivf(vectors: np.ndarray, connectivity: int, ef_construction: int,
+                    threads: int, index_file: Path | None = None
+                    ) -> tuple[Search, Callable[[int], None]]:
+    """Build faiss's inverted file index; `ef` values are read as nprobe (lists searched)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    lists = max(1, int(4 * np.sqrt(len(vectors))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIMENSION), DIMENSION, lists,
+                               faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 40 * lists),
+                                             replace=False)
+    index.train(vectors[sample])
+    index.add(vectors)
+    faiss.omp_set_num_threads(SEARCH_THREADS)
+
+    def set_ef(ef: int) -> None:
+        index.nprobe = ef
+
+    def search(queries: np.ndarray) -> np.ndarray:
+        return index.search(queries, 1)[1].reshape(-1)
+
+    return search, set_ef
+
+
+BUILDERS = {"faiss": build_faiss, "usearch": build_usearch, "hnswlib": build_hnswlib,
+            "faiss-ivf": build_faiss_ivf}
+SEARCH_THREADS = 1  # --search-threads sets it
 
 
 def rss_mib() -> float:
@@ -112,17 +143,23 @@ def main() -> None:
     parser.add_argument("--ef-search", default="32,64,128,256",
                         help="search candidate list sizes, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="threads for building and searching")
+                        help="threads for building")
+    parser.add_argument("--search-threads", type=int, default=os.cpu_count() or 1,
+                        help="threads for searching; 1 gives latencies that another "
+                             "process on the machine disturbs least")
     parser.add_argument("--connectivity", type=int, default=32, help="HNSW M")
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--index-file", type=Path, default=None,
                         help="faiss only: load the index from this file if it exists, else "
                              "build it and save it there")
     args = parser.parse_args()
+    global SEARCH_THREADS
+    SEARCH_THREADS = args.search_threads
 
     print(f"# {machine_line()}")
     print(f"# {args.rows} rows x {DIMENSION}, M={args.connectivity}, "
-          f"ef_construction={args.ef_construction}, {args.threads} threads", flush=True)
+          f"ef_construction={args.ef_construction}, {args.threads} threads to build, "
+          f"{args.search_threads} to search", flush=True)
     gallery = unit_rows(args.rows, DIMENSION, seed=1)
     near = probes_near(gallery, args.queries, distance=0.7, seed=2)
     far = unit_rows(args.queries, DIMENSION, seed=3)
@@ -133,7 +170,7 @@ def main() -> None:
 
     for name in args.libraries.split(","):
         try:
-            __import__(name)
+            __import__(name.split("-")[0])
         except ImportError:
             print(f"{name}: not installed, skipped")
             continue
