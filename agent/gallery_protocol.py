@@ -15,7 +15,7 @@ docs/protocol.md is the reference for the topics and the message layouts. In sho
   a digest list (the raw 32-byte sha256 values, concatenated). The list is
   published in chunks of its own, and the manifest carries their digests. This
   keeps the manifest small: a 1M-identity snapshot of about
-  4,400 chunks needs two digest-list chunks at 128 KiB.
+  4,500 chunks needs two digest-list chunks at 128 KiB.
 
 Every parse function here raises ProtocolError with a short `reason` code, which
 the agent puts in its log line so that each kind of rejection can be told apart.
