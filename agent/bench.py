@@ -45,7 +45,7 @@ def knee_rows(measurements: Iterable[Measurement], tolerance: float) -> list[dic
 
 
 def format_table(rows: list[dict], platform_name: str) -> str:
-    """Format knee rows as a Markdown table in the form of the issue's earlier measurements."""
+    """Format knee rows as a Markdown table, one row per runtime and precision."""
     lines = [
         "| platform | runtime | precision | batch size knee | ms per face at knee | "
         "min ms per face | accuracy % | rejected |",

@@ -18,7 +18,7 @@ gallery and `apply_snapshot` rejects a local one that has identities. A synced
 gallery's version is the server's version of that group.
 
 Matching reads one immutable `_GalleryState`, replaced as a whole after each
-committed change, so a match never sees half of an update and reports the
+committed change, so a match never reads half of an update and reports the
 version of the rows it searched.
 """
 
@@ -444,7 +444,7 @@ class Gallery:
         origin = self.origin
         if origin == "local":
             raise GalleryError(
-                f"gallery {self.path} holds local enrolments; a synced gallery needs its own "
+                f"gallery {self.path} contains local enrolments; a synced gallery needs its own "
                 "file, so set gallery.path to a new file or enrol these people on the server"
             )
         if origin is not None and origin != f"server:{group}":

@@ -18,7 +18,7 @@ docs/protocol.md is the reference for the topics and the message layouts. In sho
   4,500 chunks needs two digest-list chunks at 128 KiB.
 
 Every parse function here raises ProtocolError with a short `reason` code, which
-the agent puts in its log line so that each kind of rejection can be told apart.
+the agent puts in its log line so that each kind of rejection can be distinguished.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class Publisher(Protocol):
 
 
 def preview(payload: bytes) -> str:
-    """A payload cut to LOG_PAYLOAD_BYTES for a log line."""
+    """Return the payload cut to LOG_PAYLOAD_BYTES for a log line."""
     if len(payload) <= LOG_PAYLOAD_BYTES:
         return repr(payload)
     return f"{payload[:LOG_PAYLOAD_BYTES]!r}... ({len(payload)} bytes)"

@@ -6,7 +6,7 @@ payload pairs: raw bytes, arbitrary JSON including NaN and infinity, manifest
 envelopes with wrong fields, and byte flips of a correctly signed manifest.
 All go to one synced agent over a real Mosquitto. Afterwards the
 agent must still be connected, its sync worker alive, its gallery unchanged,
-the memory its code holds flat, every manifest payload rejected, and a good delta must apply.
+the heap of agent and paho code flat, every manifest payload rejected, and a good delta must apply.
 """
 
 from __future__ import annotations

@@ -630,7 +630,7 @@ def test_local_gallery_not_overwritten(server: Server, make_agent: Callable[...,
 
     send(raw, forge(server.key, version=5))
 
-    assert wait_until(lambda: "holds local enrolments" in caplog.text)
+    assert wait_until(lambda: "contains local enrolments" in caplog.text)
     assert gallery_rows(path) == (1, {"kept": 1})
     assert agent.gallery.version == 1
 

@@ -126,7 +126,7 @@ def test_import_model_mismatch(config: Path, tmp_path: Path,
     code, stderr = run_server(capsys, "import", str(lines), "--model-id", "m2", *common)
 
     assert code == 2
-    assert_one_line(stderr, "holds model m1", "not m2", "use another group")
+    assert_one_line(stderr, "uses model m1", "not m2", "use another group")
 
 
 def test_broker_unreachable_named(config: Path, tmp_path: Path,

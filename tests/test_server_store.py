@@ -97,7 +97,7 @@ def test_identities_round_trip(store: ServerStore) -> None:
 def test_group_model_mismatch_rejected(store: ServerStore) -> None:
     store.ensure_group("g", "m", 4, "euclidean")
 
-    with pytest.raises(StoreError, match="holds model m"):
+    with pytest.raises(StoreError, match="uses model m"):
         store.ensure_group("g", "other", 4, "euclidean")
 
 

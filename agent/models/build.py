@@ -59,7 +59,7 @@ FILE_NAMES = {
 # Plain (not squared) Euclidean distance between L2-normalised embeddings. On the
 # 5-person example set with a 0.2 crop margin, same-person pairs reach 1.31 and
 # different-person pairs start at 1.13, so 1.1 accepts no stranger there.
-# NOTE: five people say little about a large gallery; tune it with `eval` on your own data.
+# NOTE: five people prove little about a large gallery; tune it with `eval` on your own data.
 THRESHOLD = 1.1
 
 

@@ -17,7 +17,7 @@ from agent.models.manifest import FORMATS, ManifestError, load_manifest, sha256_
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What `verify_model_dir` checked in one model folder."""
+    """Result of `verify_model_dir` for one model folder."""
 
     directory: Path
     checked: int  # files and folders whose sha256 matched

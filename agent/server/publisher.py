@@ -96,7 +96,7 @@ def write_key_pair(directory: Path) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class Publication:
-    """What one call to `publish_group` produced."""
+    """Result of one call to `publish_group`."""
 
     group: str
     version: int
@@ -350,7 +350,7 @@ class GalleryPublisher:
     # Serving devices
 
     def serve(self, stop: threading.Event) -> None:
-        """Publish changes and answer resync requests until `stop` is set."""
+        """Publish changes and serve resync requests until `stop` is set."""
         groups = self.settings.groups
         for group in groups:
             self.client.subscribe(resync_topic(self.prefix, group), self._on_resync)

@@ -84,7 +84,7 @@ CREATE INDEX IF NOT EXISTS sightings_identity ON sightings(identity_id, capture_
 
 
 class StoreError(RuntimeError):
-    """A store operation that would break the store's rules; the message says which."""
+    """A store operation that would break the store's rules; the message names the rule."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class ServerStore(abc.ABC):
         stored = (rows[0][0], int(rows[0][1]), rows[0][2])
         if stored != (model_id, embedding_size, metric):
             raise StoreError(
-                f"group {group} holds model {stored[0]} ({stored[1]}-d, {stored[2]}), not "
+                f"group {group} uses model {stored[0]} ({stored[1]}-d, {stored[2]}), not "
                 f"{model_id} ({embedding_size}-d, {metric}); use another group for that model"
             )
 
