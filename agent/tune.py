@@ -88,7 +88,7 @@ class Measurement:
 
 @dataclass(frozen=True)
 class TuneSettings:
-    tolerance: float = 0.05
+    tolerance: float = 0.03  # same default as tuning.tolerance in agent/config.py
     max_accuracy_drop: float = 0.5
     seconds_per_point: float = 1.0
     exhaustive: bool = False
@@ -268,6 +268,20 @@ def choose(measurements: list[Measurement], tolerance: float) -> Measurement:
     return min(near, key=lambda m: (m.batch_size, -m.faces_per_second))
 
 
+def choose_detector(measurements: list[Measurement], tolerance: float) -> Measurement:
+    """Return the first runtime in profile order whose time per frame is within `tolerance`.
+
+    The detector has no batch to choose, and runtimes within timing noise of
+    each other are better ranked by the profile's order, which puts the
+    lighter runtimes first.
+    """
+    fastest = choose(measurements, 0.0)
+    for point in measurements:
+        if not point.rejected and point.ms_per_face <= fastest.ms_per_face * (1 + tolerance):
+            return point
+    return fastest
+
+
 def sweep_detector(manifest: Manifest, profile: DeviceProfile, frames: list[np.ndarray],
                    seconds: float, cache_dir: Path | None = None,
                    progress: Progress | None = None) -> list[Measurement]:
@@ -407,7 +421,7 @@ def tune(manifest: Manifest, profile: DeviceProfile, settings: TuneSettings,
                                      cache_dir, progress)
     finalists = retime_finalists(manifest, profile, settings, embedder_points, cache_dir)
     choice = choose(finalists, settings.tolerance)
-    detector = choose(detector_points, 0.0)
+    detector = choose_detector(detector_points, settings.tolerance)
     accelerators = dict(candidate_runtimes(profile))
     selection = Selection(
         embedder=StageChoice(choice.runtime, choice.precision,
@@ -445,7 +459,7 @@ def side_by_side(sessions: list[ModelSession], batch_sizes: list[int], image_siz
 def retime_finalists(manifest: Manifest, profile: DeviceProfile, settings: TuneSettings,
                      points: list[Measurement], cache_dir: Path | None = None,
                      groups: int = 3) -> list[Measurement]:
-    """Time the knee and the best point of the fastest `groups` runtimes again, side by side.
+    """Time the batches from the knee to the best of the fastest `groups` runtimes, side by side.
 
     The sweep times one runtime and precision after another, so a change in
     the machine's load between them can reorder them. Alternating rounds over
@@ -462,7 +476,10 @@ def retime_finalists(manifest: Manifest, profile: DeviceProfile, settings: TuneS
         knee = min((p for p in group
                     if p.faces_per_second >= best.faces_per_second * (1 - settings.tolerance)),
                    key=lambda p: p.batch_size)
-        finalists.extend([knee] if knee is best else [knee, best])
+        # Every batch from the knee up to the best, because the sweep's knee may
+        # sit one step early when load changed during the sweep.
+        finalists.extend(p for p in sorted(group, key=lambda p: p.batch_size)
+                         if knee.batch_size <= p.batch_size <= best.batch_size)
     if len(finalists) < 2:
         return points
 

@@ -10,6 +10,7 @@ from agent.tune import (
     StageChoice,
     TuneResult,
     choose,
+    choose_detector,
     gate_reason,
     load_result,
     save_result,
@@ -37,6 +38,22 @@ def test_choose_skips_rejected_points():
 def test_choose_all_rejected_raises():
     with pytest.raises(ValueError, match="every tuning point was rejected: too slow"):
         choose([point("tflite", "fp32", 8, 30.0, rejected="too slow")], tolerance=0.05)
+
+
+def test_choose_detector_prefers_profile_order_within_tolerance():
+    # Profile order: onnxruntime, tflite, tensorflow; tensorflow is 1.3 % faster than tflite.
+    points = [Measurement("detector", "onnxruntime", "fp32", 1, 44.2, 44.2, 20.0),
+              Measurement("detector", "tflite", "fp32", 1, 30.6, 30.6, 20.0),
+              Measurement("detector", "tensorflow", "fp32", 1, 30.2, 30.2, 400.0)]
+    assert choose_detector(points, tolerance=0.03).runtime == "tflite"
+    assert choose_detector(points, tolerance=0.0).runtime == "tensorflow"
+
+
+def test_choose_detector_skips_rejected():
+    points = [Measurement("detector", "tflite", "fp16", 1, 20.0, 20.0, 20.0, None,
+                          "finds [1] faces, fp32 finds [2]"),
+              Measurement("detector", "tflite", "fp32", 1, 30.6, 30.6, 20.0)]
+    assert choose_detector(points, tolerance=0.03).precision == "fp32"
 
 
 @pytest.mark.parametrize(("accuracy", "reference", "precision", "passes"), [
