@@ -239,6 +239,20 @@ class ServiceConfig:
     finish_timeout_s: float = _option(30.0, "seconds the end of a finite source waits for the "
                                             "broker to acknowledge the outbox",
                                       low=0.0, high=86_400.0)
+    detect_workers: int = _option(0, "threads that detect and crop faces, each with its own "
+                                     "MTCNN sessions; 0 uses one per core, at most 2",
+                                  low=0, high=64)
+    max_batch_wait_ms: float = _option(50.0, "longest a detected face waits for more faces to "
+                                             "fill an embedding batch, in milliseconds",
+                                       low=0.0, high=10_000.0)
+    max_frames_in_flight: int = _option(0, "frames between detection and the event stage; when "
+                                           "full, frames wait in the frame queue; 0 uses twice "
+                                           "the embedding batch size, at least 8 and at most 64",
+                                        low=0, high=1024)
+    stall_timeout_s: float = _option(120.0, "seconds without progress, while frames are in "
+                                            "flight, after which the agent stops sending systemd "
+                                            "watchdog pings so that systemd restarts it",
+                                     low=1.0, high=86_400.0)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -294,6 +295,12 @@ def _validate_image(image_rgb: np.ndarray) -> None:
         raise ValueError(f"invalid image shape {image_rgb.shape}: expected (height, width, 3) RGB")
     if image_rgb.dtype != np.uint8:
         raise ValueError(f"invalid image dtype {image_rgb.dtype}: expected uint8 RGB")
+
+
+class FaceDetector(Protocol):
+    """Anything that finds faces in an RGB image; MtcnnDetector is the one the agent runs."""
+
+    def detect(self, image_rgb: np.ndarray) -> list[Face]: ...
 
 
 class MtcnnDetector:

@@ -27,7 +27,16 @@ class Embedder:
         if len(crops) == 0:
             return np.empty((0, self.embedding_size), dtype=np.float32)
 
-        inputs = prewhiten(crops)
+        return self.embed_prepared(self.prepare(crops))
+
+    def prepare(self, crops: np.ndarray) -> np.ndarray:
+        """Convert uint8 crops to the model's float32 input."""
+        return prewhiten(crops)
+
+    def embed_prepared(self, inputs: np.ndarray) -> np.ndarray:
+        """Return one unit-length embedding per prewhitened float32 crop, batch_size at a time."""
+        if len(inputs) == 0:
+            return np.empty((0, self.embedding_size), dtype=np.float32)
         batches = []
         for start in range(0, len(inputs), self.batch_size):
             batch = inputs[start : start + self.batch_size]

@@ -14,7 +14,7 @@ import numpy as np
 
 from agent.align import crop_face
 from agent.config import Config
-from agent.detect import Face, MtcnnDetector
+from agent.detect import Face, FaceDetector, MtcnnDetector
 from agent.embed import Embedder
 from agent.gallery import Gallery, Match
 from agent.models.manifest import Manifest, ManifestError, load_manifest
@@ -33,29 +33,42 @@ class Recognition:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, detector: MtcnnDetector, embedder: Embedder,
-                 gallery: Gallery, config: Config) -> None:
+                 gallery: Gallery, config: Config, selection: Selection | None = None) -> None:
         self.manifest = manifest
+        self.selection = selection
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
         self.config = config
 
-    def embed_faces(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:
-        """Detect every face in an RGB image and return them with their embeddings."""
-        faces = self.detector.detect(image)
-        if not faces:
-            return [], np.empty((0, self.manifest.embedding_size), dtype=np.float32)
-
+    def prepare_faces(self, image: np.ndarray, detector: FaceDetector | None = None
+                      ) -> tuple[list[Face], np.ndarray]:
+        """Detect the faces in an RGB image; return them with their crops as embedder input."""
+        faces = (detector or self.detector).detect(image)
         size = self.manifest.image_size
+        if not faces:
+            return [], np.empty((0, size, size, 3), dtype=np.float32)
+
         margin = self.config.alignment.margin
         crops = np.stack([crop_face(image, face.bbox, margin, size) for face in faces])
-        return faces, self.embedder.embed(crops)
+        return faces, self.embedder.prepare(crops)
+
+    def embed_prepared(self, inputs: np.ndarray) -> np.ndarray:
+        return self.embedder.embed_prepared(inputs)
+
+    def match(self, embeddings: np.ndarray) -> list[Match]:
+        matching = self.config.matching
+        return self.gallery.match(embeddings, matching.threshold, matching.metric)
+
+    def embed_faces(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:
+        """Detect every face in an RGB image and return them with their embeddings."""
+        faces, inputs = self.prepare_faces(image)
+        return faces, self.embedder.embed_prepared(inputs)
 
     def recognize(self, image: np.ndarray) -> list[Recognition]:
         """Detect, embed and match every face in an RGB image."""
         faces, embeddings = self.embed_faces(image)
-        matching = self.config.matching
-        matches = self.gallery.match(embeddings, matching.threshold, matching.metric)
+        matches = self.match(embeddings)
         return [
             Recognition(face, embedding, match)
             for face, embedding, match in zip(faces, embeddings, matches, strict=True)
@@ -75,35 +88,9 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
         selection = resolve_selection(config, manifest)
 
     def load(role: str, choice: StageChoice) -> ModelSession:
-        try:
-            session = load_variant(manifest, role, choice, selection.threads,
-                                   config.runtime.cache_dir, config.models.verify_sha256)
-            # The heartbeat reports this, so it must be the precision in use, not
-            # the config's "auto".
-            session.precision = choice.precision
-            return session
-        except (ManifestError, RuntimeNotInstalledError):
-            raise
-        except Exception as exc:
-            # Each runtime raises its own types (ONNX Runtime's InvalidProtobuf, TFLite's
-            # ValueError), most often for a truncated or damaged file.
-            raise ManifestError(
-                f"{_variant_path(manifest, role, choice)}: {choice.runtime} cannot load the "
-                f"{choice.precision} {role} model: {exc}. The file may be truncated or "
-                "damaged: run `facenet-agent models verify` on the folder, or rebuild it "
-                "with `facenet-agent models build`"
-            ) from exc
+        return load_session(config, manifest, role, choice, selection.threads)
 
-    detection = config.detection
-    detector = MtcnnDetector(
-        load("pnet", selection.detector),
-        load("rnet", selection.detector),
-        load("onet", selection.detector),
-        min_face_size=detection.min_face_size,
-        scale_factor=detection.scale_factor,
-        thresholds=(detection.thresholds[0], detection.thresholds[1], detection.thresholds[2]),
-        max_input_side=detection.max_input_side,
-    )
+    detector = load_detector(config, manifest, selection.detector, selection.threads)
     embedder = Embedder(
         load("embedder", selection.embedder),
         output_name=manifest.embedder.outputs[0],
@@ -114,7 +101,7 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
                       index_mode=config.matching.index,
                       approximate_min_rows=config.matching.approximate_min_rows)
 
-    pipeline = Pipeline(manifest, detector, embedder, gallery, config)
+    pipeline = Pipeline(manifest, detector, embedder, gallery, config, selection)
     _warm_up(pipeline)
     log.info(
         "pipeline ready: model %s, embedder on %s %s (%s), batch size %d, detector on %s %s, "
@@ -125,6 +112,43 @@ def build_pipeline(config: Config, selection: Selection | None = None) -> Pipeli
         gallery.identity_count,
     )
     return pipeline
+
+
+def load_session(config: Config, manifest: Manifest, role: str, choice: StageChoice,
+                 threads: int) -> ModelSession:
+    """Load one model of the manifest on `choice`'s runtime, with errors that say what to do."""
+    try:
+        session = load_variant(manifest, role, choice, threads, config.runtime.cache_dir,
+                               config.models.verify_sha256)
+        # The heartbeat reports this, so it must be the precision in use, not
+        # the config's "auto".
+        session.precision = choice.precision
+        return session
+    except (ManifestError, RuntimeNotInstalledError):
+        raise
+    except Exception as exc:
+        # Each runtime raises its own types (ONNX Runtime's InvalidProtobuf, TFLite's
+        # ValueError), most often for a truncated or damaged file.
+        raise ManifestError(
+            f"{_variant_path(manifest, role, choice)}: {choice.runtime} cannot load the "
+            f"{choice.precision} {role} model: {exc}. The file may be truncated or "
+            "damaged: run `facenet-agent models verify` on the folder, or rebuild it "
+            "with `facenet-agent models build`"
+        ) from exc
+
+
+def load_detector(config: Config, manifest: Manifest, choice: StageChoice,
+                  threads: int) -> MtcnnDetector:
+    """Load P-Net, R-Net and O-Net into a detector with the config's detection settings."""
+    detection = config.detection
+    return MtcnnDetector(
+        *(load_session(config, manifest, stage, choice, threads)
+          for stage in ("pnet", "rnet", "onet")),
+        min_face_size=detection.min_face_size,
+        scale_factor=detection.scale_factor,
+        thresholds=(detection.thresholds[0], detection.thresholds[1], detection.thresholds[2]),
+        max_input_side=detection.max_input_side,
+    )
 
 
 def _variant_path(manifest: Manifest, role: str, choice: StageChoice) -> str:

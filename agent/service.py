@@ -5,14 +5,16 @@ until its source ends or `stop` is set, and tests call it directly.
 
 Stages and the bounded queues between them:
 
-    capture thread --FrameQueue--> main loop --Outbox (SQLite)--> forwarder thread --> broker
+    capture thread --FrameQueue--> stages --> main loop --Outbox (SQLite)--> forwarder --> broker
 
 The capture thread reads the source into a FrameQueue of
 `service.frame_queue_size` frames. When recognition falls behind, a camera or
 stream source drops its oldest waiting frame (counted in `frames_dropped`), and
-a folder or video file waits, so a file is processed whole. The main loop
-recognises each frame, turns the faces into events (one per face per frame,
-or one per appearance, by `events.mode`) and commits them to the outbox. The
+a folder or video file waits, so a file is processed whole. The stages
+(agent/stages.py) detect, embed and match on their own threads, with at most
+`service.max_frames_in_flight` frames between them, and hand the frames back in
+order. The main loop turns the faces into events (one per face per frame, or
+one per appearance, by `events.mode`) and commits them to the outbox. The
 forwarder publishes the outbox in order and deletes each event after its
 PUBACK, so a slow or absent broker fills the disk-bounded outbox, not memory.
 
@@ -21,7 +23,9 @@ Lifecycle hook points, for a `Lifecycle` such as agent.notify.Notifier:
   and the MQTT client is started. The broker may still be unreachable then. It is
   called again after each reload.
 - `watchdog()`: once per main-loop iteration, at least every FRAME_WAIT_S
-  seconds plus the time one frame takes to recognise.
+  seconds plus the time one frame's events take to store. It is withheld while
+  frames are in flight and no stage has made progress for
+  `service.stall_timeout_s`, so that systemd restarts a hung inference.
 - `reloading(status)`: when SIGHUP's new config was valid and the running one
   starts to drain; `ready` follows once the new one runs.
 - `stopping(status, timeout_s)`: when the drain before exit starts, with the
@@ -63,6 +67,7 @@ from agent.gallery_sync import GallerySync, start_gallery_sync
 from agent.health import FaceRate, Heartbeat, RunStats, start_metrics_server
 from agent.pipeline import Pipeline, Recognition, build_pipeline
 from agent.sources import Frame, open_source
+from agent.stages import END_OF_SOURCE, FrameResult, StagedRecognizer, build_stages
 from agent.tracking import AppearanceUpdate, IouTracker, Observation
 
 log = logging.getLogger(__name__)
@@ -164,6 +169,8 @@ class _Session:
         self.heartbeat: Heartbeat | None = None
         self.stop_metrics: Callable[[], None] | None = None
         self.capture: _Capture | None = None
+        self.stages: StagedRecognizer | None = None
+        self._stall_reported = False
         self.gallery_version = 0
         prefix, device = config.mqtt.topic_prefix, config.device_id
         self.identity_topic = identity_topic(prefix, device)
@@ -204,15 +211,17 @@ class _Session:
                 health.prometheus_host, health.prometheus_port, self.health_snapshot
             )
         self.capture = _Capture(config, self.stats)
+        self.stages = build_stages(self.pipeline, config, self.capture.take)
         self.capture.start()
+        self.stages.start()
         log.info("agent %s started on source %r, events mode %s, client id %s",
                  config.device_id, config.source.uri, self.events_mode,
                  config.mqtt_client_id)
 
     def loop(self, controls: Controls) -> tuple[str, Config | None]:
-        assert self.capture is not None
+        assert self.capture is not None and self.stages is not None
         while True:
-            self.lifecycle.watchdog()
+            self._watchdog()
             if controls.stop.is_set():
                 return _STOP, None
             if controls.reload.is_set():
@@ -220,35 +229,48 @@ class _Session:
                 next_config = self._reload(controls.config_path)
                 if next_config is not None:
                     return _RELOAD, next_config
-            item = self.capture.frames.get(FRAME_WAIT_S)
-            if item is _NO_FRAME:
+            result = self.stages.next_result(FRAME_WAIT_S)
+            if result is None:
                 continue
-            if item is _END_OF_SOURCE:
+            if result.frame is None:
                 return (_FAILED if self.capture.failed else _END), None
-            assert isinstance(item, Frame)
-            self.process(item)
+            self.handle(result)
 
     def process(self, frame: Frame) -> None:
+        """Recognise one frame on this thread and store its events, bypassing the stages."""
+        assert self.pipeline is not None
+        result = FrameResult(frame)
+        if frame.error is not None:
+            result.error = frame.error
+        else:
+            assert frame.image is not None
+            try:
+                result.recognitions = self.pipeline.recognize(frame.image)
+            except Exception as exc:
+                log.debug("recognition failed on %s", frame.source, exc_info=True)
+                result.error = f"recognition failed: {exc!r}"
+        self.handle(result)
+
+    def handle(self, result: FrameResult) -> None:
+        """Count one recognised frame and store its events."""
+        frame = result.frame
+        assert frame is not None and self.pipeline is not None
         self.stats.add(frames=1)
         self.last_capture_time = frame.capture_time
-        if frame.error is not None:
-            log.warning("skipped input %s: %s", frame.source, frame.error)
+        if result.error is not None:
+            # Unreadable inputs and runtime errors on one frame skip that frame only.
+            log.warning("skipped input %s: %s", frame.source, result.error)
             self.stats.add(skipped=1)
             return
-        assert frame.image is not None and self.pipeline is not None
-        try:
-            recognitions = self.pipeline.recognize(frame.image)
-        except Exception:
-            # A failure on one frame, such as a runtime error on an odd shape, must not
-            # stop the agent. The traceback goes to the log with the frame's source.
-            log.exception("recognition failed on %s; skipping it", frame.source)
-            self.stats.add(skipped=1)
-            return
+        recognitions = result.recognitions
 
         if not recognitions:
             log.info("%s: no face found", frame.source)
         self.stats.add(faces=len(recognitions))
-        self.gallery_version = self.pipeline.gallery.version
+        # The version each face was matched against: a sync may have applied a
+        # newer one while the frame was in the stages.
+        self.gallery_version = max((r.match.gallery_version for r in recognitions),
+                                   default=self.pipeline.gallery.version)
         if self.events_mode == "frame":
             for recognition in recognitions:
                 self._submit_frame_event(frame, recognition)
@@ -277,6 +299,8 @@ class _Session:
 
         self.capture.stop()
         discarded = self.capture.frames.clear()
+        if self.stages is not None:
+            discarded += self.stages.close()
         if discarded:
             log.info("agent %s: %d frames read but not processed at %s", config.device_id,
                      discarded, outcome)
@@ -298,6 +322,8 @@ class _Session:
         """Stop every thread and close every file this session opened; safe after a failure."""
         if self.capture is not None:
             self.capture.stop()
+        if self.stages is not None:
+            self.stages.close()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         if self.stop_metrics is not None:
@@ -342,6 +368,20 @@ class _Session:
             **stats,
             **delivery,
         }
+
+    def _watchdog(self) -> None:
+        """Ping the watchdog unless frames are in flight and no stage has moved for too long."""
+        assert self.stages is not None
+        stalled_s = self.stages.stalled_for()
+        if stalled_s < self.config.service.stall_timeout_s:
+            self.lifecycle.watchdog()
+            self._stall_reported = False
+            return
+        if not self._stall_reported:
+            self._stall_reported = True
+            log.error("agent %s: no recognition progress for %.0f s with %d frames in flight; "
+                      "withholding watchdog pings so that systemd restarts the agent",
+                      self.config.device_id, stalled_s, self.stages.in_flight)
 
     # Events
 
@@ -518,6 +558,15 @@ class _Capture:
             self.failed = True
             log.error("source %s failed: %s", self.uri, exc)
         self.frames.put(_END_OF_SOURCE)
+
+    def take(self, timeout_s: float) -> object:
+        """Return the next Frame, END_OF_SOURCE, or None when none came within `timeout_s`."""
+        item = self.frames.get(timeout_s)
+        if item is _NO_FRAME:
+            return None
+        if item is _END_OF_SOURCE:
+            return END_OF_SOURCE
+        return item
 
     def _frames(self) -> Iterator[Frame]:
         return open_source(self.uri, self._frame_step, self._max_frames, stop=self._stop)
