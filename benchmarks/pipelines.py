@@ -50,6 +50,7 @@ Usage (threads: torch 2, TensorFlow its defaults, as the table footer lists):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -58,11 +59,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.align import crop_face, prewhiten  # noqa: E402
+from agent.bench_pipeline import letterbox as agent_letterbox  # noqa: E402
 from agent.embed import l2_normalize  # noqa: E402
 from agent.images import read_image  # noqa: E402
 
@@ -111,21 +112,8 @@ def photo_inputs(photo_root: Path = DEFAULT_PHOTO_ROOT, limit: int | None = None
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int] = (640, 480)) -> np.ndarray:
-    """Scale `image` to fit inside `size` (width, height), keeping its aspect ratio.
-
-    The borders are black, and the image is centred.
-    """
-    width, height = size
-    scale = min(width / image.shape[1], height / image.shape[0])
-    new_width = max(1, round(image.shape[1] * scale))
-    new_height = max(1, round(image.shape[0] * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_width, new_height), interpolation=interpolation)
-    frame = np.zeros((height, width, 3), dtype=np.uint8)
-    top = (height - new_height) // 2
-    left = (width - new_width) // 2
-    frame[top:top + new_height, left:left + new_width] = resized
-    return frame
+    """Scale `image` into a black frame of `size` (width, height), as agent.bench_pipeline does."""
+    return agent_letterbox(image, *size)
 
 
 def video_frames(photo_root: Path = DEFAULT_PHOTO_ROOT, size: tuple[int, int] = (640, 480),
@@ -405,6 +393,50 @@ class FacenetPytorchPipeline:
         return boxes.astype(np.float32), embeddings.astype(np.float32)
 
 
+# --- This agent ------------------------------------------------------------------
+
+class AgentPipeline:
+    """This agent with the config at `config_path`, normally the tuned runtimes.
+
+    `measure_stages` times it as `facenet-agent run` runs: frames go through
+    the overlapping stages of agent/stages.py. Called on one image, it runs the
+    same models one image at a time, which is what `accuracy` needs.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        from agent.config import load_config
+        from agent.pipeline import build_pipeline
+
+        self.config = load_config(config_path)
+        self.pipeline = build_pipeline(self.config)
+        selection = self.pipeline.selection
+        self.description = (
+            f"embedder {selection.embedder.runtime} {selection.embedder.precision} batch "
+            f"{selection.embedder.batch_size}, detector {selection.detector.runtime} "
+            f"{selection.detector.precision}, {selection.threads} threads ({selection.origin})"
+            if selection is not None else "selection unknown")
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        faces, embeddings = self.pipeline.embed_faces(image)
+        boxes = np.array([face.bbox for face in faces], dtype=np.float32).reshape(-1, 4)
+        return boxes, embeddings
+
+    def measure_stages(self, inputs: Sequence[np.ndarray], warmup: int = 2) -> Measurement:
+        """Run every input through the stages at once and time each frame from take to result."""
+        from agent.bench_pipeline import drain_stages, memory_source
+        from agent.stages import build_stages
+
+        named = [(f"input-{index:04d}", image) for index, image in enumerate(inputs)]
+        drain_stages(build_stages(self.pipeline, self.config, memory_source(named[:warmup])))
+        stages = build_stages(self.pipeline, self.config, memory_source(named))
+        started = time.perf_counter()
+        results = drain_stages(stages)
+        seconds = time.perf_counter() - started
+        latencies = np.asarray([r.latency_s * 1000 for r in results])
+        faces = sum(len(r.recognitions) for r in results)
+        return Measurement(len(results), faces, seconds, latencies)
+
+
 # --- Measurement ----------------------------------------------------------------
 
 @dataclass
@@ -508,11 +540,16 @@ def accuracy(pipeline_fn: PipelineFn, photo_root: Path = DEFAULT_PHOTO_ROOT,
 # --- Command line ------------------------------------------------------------------
 
 def build_pipeline(pipeline_name: str, args: argparse.Namespace) -> PipelineFn:
+    if pipeline_name == "agent":
+        if args.agent_config is None:
+            raise SystemExit("--which agent needs --agent-config, the agent's YAML config")
+        return AgentPipeline(args.agent_config)
     if pipeline_name == "diy":
         return DiyPipeline(args.h5, call=args.diy_call)
     if pipeline_name == "facenet-pytorch":
         return FacenetPytorchPipeline(None if args.random_weights else args.h5)
-    raise SystemExit(f"invalid --which entry {pipeline_name!r}; expected diy or facenet-pytorch")
+    raise SystemExit(f"invalid --which entry {pipeline_name!r}; expected agent, diy or "
+                     "facenet-pytorch")
 
 
 def thread_line() -> str:
@@ -548,10 +585,13 @@ def machine_line() -> str:
     return common_machine_line()
 
 
+PIPELINES = ("agent", "diy", "facenet-pytorch")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--which", default="diy,facenet-pytorch",
-                        help="comma-separated pipelines to run: diy, facenet-pytorch")
+                        help=f"comma-separated pipelines to run: {', '.join(PIPELINES)}")
     parser.add_argument("--input", choices=("photos", "video"), default="photos",
                         help="photos: the example photos as they are; video: the same "
                              "letterboxed into 640x480 frames")
@@ -561,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTO_ROOT,
                         help="folder with train/<person>/ and val/<person>/ photos")
     parser.add_argument("--h5", type=Path, default=DEFAULT_H5, help="facenet_keras.h5")
+    parser.add_argument("--agent-config", type=Path, default=None,
+                        help="the agent's YAML config for --which agent")
     parser.add_argument("--diy-call", choices=("predict", "direct"), default="predict",
                         help="how the DIY pipeline calls Keras: model.predict() or model()")
     parser.add_argument("--random-weights", action="store_true",
@@ -568,11 +610,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-accuracy", action="store_true",
                         help="skip enrolling train/ and scoring val/; the accuracy run always "
                              "uses the photos as they are, whatever --input says")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="append one JSON line per pipeline to this file")
     args = parser.parse_args(argv)
     pipeline_names = [name.strip() for name in args.which.split(",")]
-    unknown = [name for name in pipeline_names if name not in ("diy", "facenet-pytorch")]
+    unknown = [name for name in pipeline_names if name not in PIPELINES]
     if unknown:
-        parser.error(f"invalid --which entries {unknown}; expected diy and/or facenet-pytorch")
+        parser.error(f"invalid --which entries {unknown}; expected some of {PIPELINES}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"invalid --limit {args.limit}; expected a positive number of inputs")
 
@@ -586,13 +630,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     notes = []
     # NOTE: TensorFlow's thread pools stay alive after the DIY run. On 3 video
     # frames (2-core AMD EPYC, load average 6), facenet-pytorch took 343 ms p50
-    # alone and 486 ms after DIY, so compare both orders before drawing conclusions.
+    # alone and 486 ms after DIY. benchmarks/pipelines.sh runs each pipeline in
+    # its own process for that reason.
     for pipeline_name in pipeline_names:
         pipeline = build_pipeline(pipeline_name, args)
         if isinstance(pipeline, FacenetPytorchPipeline):
             notes.append(facenet_pytorch_note(pipeline))
-        result = measure(pipeline, inputs)
+        if isinstance(pipeline, AgentPipeline):
+            notes.append(f"agent: {pipeline.description}.")
+            result = pipeline.measure_stages(inputs)
+        else:
+            result = measure(pipeline, inputs)
         real_weights = getattr(pipeline, "real_weights", True)
+        scored = None
         if args.no_accuracy:
             accuracy_cell = "skipped"
         elif not real_weights:
@@ -606,6 +656,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"| {result.images_per_second:.2f} | {result.faces_per_second:.2f} "
                     f"| {result.percentile_ms(50):.0f} | {result.percentile_ms(95):.0f} "
                     f"| {accuracy_cell} |")
+        if args.json is not None:
+            record = {
+                "pipeline": label, "input": args.input, "images": result.images,
+                "faces": result.faces, "seconds": round(result.seconds, 3),
+                "images_per_s": round(result.images_per_second, 3),
+                "faces_per_s": round(result.faces_per_second, 3),
+                "p50_ms": round(result.percentile_ms(50), 1),
+                "p95_ms": round(result.percentile_ms(95), 1),
+                "val_correct": scored.correct if scored else None,
+                "val_photos": scored.val_photos if scored else None,
+                "val_no_face": scored.no_face if scored else None,
+                "machine": machine, "notes": notes[-1:] if pipeline_name != "diy" else [],
+            }
+            with args.json.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
 
     print(f"Input: {args.input}, {len(inputs)} images; {machine}")
     print()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -165,3 +166,49 @@ def test_enroll_name_clash_rejected_before_loading(tmp_path: Path) -> None:
     assert "anna-maria" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "gallery.db").exists()
+
+
+def test_bench_pipeline_needs_input_folder(tmp_path: Path) -> None:
+    result = agent_cli("bench", "pipeline", "--out", str(tmp_path / "out"),
+                       "--input", str(tmp_path / "missing"))
+
+    assert result.returncode == 2
+    assert "bench pipeline needs --input, a folder of images" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_pipeline_rejects_bad_frame_size(tmp_path: Path) -> None:
+    result = agent_cli("bench", "pipeline", "--out", str(tmp_path / "out"),
+                       "--input", str(tmp_path), "--frame-size", "640by480")
+
+    assert result.returncode == 2
+    assert "invalid --frame-size '640by480': expected WIDTHxHEIGHT" in result.stderr
+
+
+def test_bench_pipeline_writes_reports(tmp_path: Path, model_dir: Path,
+                                       example_data: Path) -> None:
+    photos = tmp_path / "photos"
+    shutil.copytree(example_data / "val" / "madonna", photos / "madonna")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "bench-01",
+        "models": {"dir": str(model_dir)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "runtime": {"name": "onnxruntime", "cache_dir": str(tmp_path / "cache")},
+    }))
+
+    result = agent_cli("bench", "pipeline", "--config", str(config), "--input", str(photos),
+                       "--out", str(tmp_path / "out"), "--repeat", "1",
+                       "--overload-fps", "50", "--overload-seconds", "2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    photo_count = len(list(photos.glob("*/*")))
+    assert report["throughput"]["images"] == photo_count
+    assert report["throughput"]["errors"] == 0
+    # Each of these photos shows her face, so each has at least one.
+    assert report["throughput"]["faces"] >= photo_count
+    overload = report["overload"]
+    assert overload["frames_processed"] + overload["frames_dropped"] == \
+        overload["frames_offered"]
+    assert (tmp_path / "out" / "pipeline.md").read_text().startswith("# Pipeline benchmark")
