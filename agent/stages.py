@@ -210,6 +210,9 @@ class StagedRecognizer:
                                     or self._in_flight < self.max_in_flight)
                 if self._closed or self._source_ended:
                     return None
+                if self._in_flight == 0:
+                    # Idle time before this frame is not a stall.
+                    self._last_progress = time.monotonic()
                 self._in_flight += 1  # reserved before taking, so the bound holds
 
             # A separate lock, so that a wait for the source does not hold up the

@@ -164,13 +164,26 @@ def test_stages_report_stall_while_detection_hangs(pipeline: Pipeline,
             release.wait(30)
             return []
 
-    stages = StagedRecognizer(pipeline, [HungDetector()], memory_source(val_inputs[:1]),
-                              max_batch_wait_s=0.0, max_in_flight=2)
+    frames = memory_source(val_inputs[:1])
+    source_open = threading.Event()
+
+    def take(timeout_s: float) -> object:
+        # The frame comes only after the stages have idled, which must not count
+        # as a stall.
+        if not source_open.wait(timeout_s):
+            return None
+        return frames(timeout_s)
+
+    stages = StagedRecognizer(pipeline, [HungDetector()], take, max_batch_wait_s=0.0,
+                              max_in_flight=2)
     stages.start()
     try:
+        time.sleep(1.0)
+        source_open.set()
         deadline = time.monotonic() + 10
         while stages.in_flight == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert stages.stalled_for() < 0.5
         time.sleep(0.5)
         assert stages.stalled_for() >= 0.5
         release.set()
