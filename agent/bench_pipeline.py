@@ -71,19 +71,23 @@ def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def load_inputs(folder: Path, frame_size: tuple[int, int] | None = None,
                 limit: int = 0) -> list[tuple[str, np.ndarray]]:
     """Decode every image under `folder`, sorted by path; letterbox them to `frame_size` if set."""
-    from agent.images import read_image
+    from agent.images import ImageError, read_image
 
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if limit:
         paths = paths[:limit]
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     inputs = []
     for path in paths:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
         if frame_size is not None:
             image = letterbox(image, *frame_size)
         inputs.append((str(path.relative_to(folder)), image))
+    if not inputs:
+        raise ValueError(f"no readable images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return inputs
 
 
@@ -325,8 +329,9 @@ def run_bench(config: Config, input_dir: Path, out: Path, frame_size: tuple[int,
     from agent.bench import machine_description
     from agent.pipeline import build_pipeline
 
-    pipeline = pipeline or build_pipeline(config)
+    # Inputs first, so that a folder without readable images fails before the models load.
     inputs = load_inputs(input_dir, frame_size)
+    pipeline = pipeline or build_pipeline(config)
     selection = pipeline.selection
     report: dict[str, Any] = {
         "machine": machine_description(),

@@ -65,6 +65,7 @@ from agent.events import (
 )
 from agent.gallery_sync import GallerySync, start_gallery_sync
 from agent.health import FaceRate, Heartbeat, RunStats, start_metrics_server
+from agent.models.manifest import ManifestError, load_manifest
 from agent.pipeline import Pipeline, Recognition, build_pipeline
 from agent.sources import Frame, open_source
 from agent.stages import END_OF_SOURCE, FrameResult, StagedRecognizer, build_stages
@@ -302,8 +303,8 @@ class _Session:
         if self.stages is not None:
             discarded += self.stages.close()
         if discarded:
-            log.info("agent %s: %d frames read but not processed at %s", config.device_id,
-                     discarded, outcome)
+            log.info("agent %s: frames read but not processed at %s: %d", config.device_id,
+                     outcome, discarded)
         for update in self.tracker.flush(time.time()):
             self._submit_appearance(update)
 
@@ -440,7 +441,11 @@ class _Session:
             return None
         try:
             next_config = load_config(config_path)
-        except ConfigError as exc:
+            # The running pipeline stops before the new one loads, so a models
+            # folder without a valid manifest is rejected here, while the old one
+            # still runs. Damaged model files are only found by the load itself.
+            load_manifest(next_config.models.dir, verify=False)
+        except (ConfigError, ManifestError) as exc:
             log.error("agent %s: reload rejected, keeping the running config: %s",
                       self.config.device_id, exc)
             return None

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 END_OF_SOURCE = object()
 # How long a detect worker waits for a frame before it checks for close() again.
 TAKE_WAIT_S = 0.5
+# How long close() waits for all stage threads together, in seconds.
+CLOSE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -110,6 +112,7 @@ class StagedRecognizer:
         self._next_sequence = 0      # the sequence the next taken frame gets
         self._next_to_hand_over = 0  # the sequence next_result() returns next
         self._in_flight = 0
+        self._taking = 0             # workers waiting on take_frame
         self._detecting = 0          # frames taken and not yet through detection
         self._finished: dict[int, FrameResult] = {}
         self._faces: deque[tuple[_Job, int, np.ndarray, float]] = deque()
@@ -168,10 +171,14 @@ class StagedRecognizer:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        # One deadline for all threads, so that several workers stuck in a model
+        # add up to CLOSE_TIMEOUT_S, not one timeout each.
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         for thread in self._threads:
-            thread.join(10.0)
+            thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                log.warning("stage thread %s still running 10 s after close", thread.name)
+                log.warning("stage thread %s still running %.0f s after close", thread.name,
+                            CLOSE_TIMEOUT_S)
         with self._lock:
             return self._in_flight
 
@@ -206,33 +213,36 @@ class StagedRecognizer:
         """Wait for room in flight, take the next frame and number it; None after close()."""
         while True:
             with self._lock:
+                # Workers waiting on the source count against the bound, so it holds
+                # once their frames arrive; they do not count as frames in flight.
                 self._lock.wait_for(lambda: self._closed or self._source_ended
-                                    or self._in_flight < self.max_in_flight)
+                                    or self._in_flight + self._taking < self.max_in_flight)
                 if self._closed or self._source_ended:
                     return None
-                if self._in_flight == 0:
-                    # Idle time before this frame is not a stall.
-                    self._last_progress = time.monotonic()
-                self._in_flight += 1  # reserved before taking, so the bound holds
+                self._taking += 1
 
             # A separate lock, so that a wait for the source does not hold up the
             # embed worker; holding it while numbering keeps the source's order.
             with self._take_lock:
                 item = None if self._source_ended else self._take_frame(TAKE_WAIT_S)
                 with self._lock:
-                    if not isinstance(item, Frame):
-                        self._in_flight -= 1
+                    self._taking -= 1
+                    self._lock.notify_all()
                     if item is END_OF_SOURCE:
                         self._source_ended = True
                         now = time.monotonic()
                         self._finished[self._next_sequence] = FrameResult(None, taken_at=now,
                                                                           finished_at=now)
                         self._next_sequence += 1
-                    if not isinstance(item, Frame):
-                        self._lock.notify_all()
+                    if not isinstance(item, Frame) or self._closed:
                         continue
-                    job = _Job(self._next_sequence, FrameResult(item, taken_at=time.monotonic()))
+                    now = time.monotonic()
+                    if self._in_flight == 0:
+                        # Idle time before this frame is not a stall.
+                        self._last_progress = now
+                    job = _Job(self._next_sequence, FrameResult(item, taken_at=now))
                     self._next_sequence += 1
+                    self._in_flight += 1
                     self._detecting += 1
                     return job
 
@@ -270,6 +280,7 @@ class StagedRecognizer:
                 log.exception("embedding a batch of %d faces failed; skipping frames %s",
                               len(batch), sorted({_source(job) for job in jobs}))
                 with self._lock:
+                    self._last_progress = time.monotonic()
                     for job in jobs:
                         if job.result.error is None:
                             job.result.error = f"embedding failed: {exc!r}"

@@ -180,6 +180,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Larger than any camera frame this agent expects; 8192 x 8192 RGB is 192 MiB.
+MAX_FRAME_SIDE = 8192
+
+
 def parse_frame_size(text: str) -> tuple[int, int] | None:
     """Parse 'WIDTHxHEIGHT' into (width, height), or 'none' into None."""
     if text.lower() == "none":
@@ -189,8 +193,9 @@ def parse_frame_size(text: str) -> tuple[int, int] | None:
     except ValueError:
         raise ValueError(f"invalid --frame-size {text!r}: expected WIDTHxHEIGHT such as "
                          "640x480, or none") from None
-    if width < 16 or height < 16:
-        raise ValueError(f"invalid --frame-size {text!r}: each side must be at least 16 pixels")
+    if not (16 <= width <= MAX_FRAME_SIDE and 16 <= height <= MAX_FRAME_SIDE):
+        raise ValueError(f"invalid --frame-size {text!r}: each side must be 16 to "
+                         f"{MAX_FRAME_SIDE} pixels")
     return width, height
 
 
@@ -206,6 +211,16 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"facenet-agent: {exc}", file=sys.stderr)
         return 2
+    problems = [message for failed, message in (
+        (args.repeat < 1, f"invalid --repeat {args.repeat}: expected 1 or more passes"),
+        (args.overload_fps < 0, f"invalid --overload-fps {args.overload_fps}: expected 0 "
+                                "(skip the run) or more frames per second"),
+        (args.overload_seconds <= 0, f"invalid --overload-seconds {args.overload_seconds}: "
+                                     "expected more than 0 seconds"),
+    ) if failed]
+    if problems:
+        print(f"facenet-agent: {problems[0]}", file=sys.stderr)
+        return 2
     config = _config(args)
     if args.config is None:
         # Without a config, the gallery goes to a throw-away file, not /var/lib.
@@ -215,8 +230,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         scratch = Path(tempfile.mkdtemp(prefix="facenet-bench-"))
         config = dataclasses.replace(config, gallery=dataclasses.replace(
             config.gallery, path=scratch / "gallery.db"))
-    report = run_bench(config, args.input, args.out, frame_size, args.repeat,
-                       args.overload_fps, args.overload_seconds)
+    try:
+        report = run_bench(config, args.input, args.out, frame_size, args.repeat,
+                           args.overload_fps, args.overload_seconds)
+    except ValueError as exc:
+        print(f"facenet-agent: {exc}", file=sys.stderr)
+        return 2
     throughput = report["throughput"]
     print(f"{throughput['images_per_s']} images/s, {throughput['faces_per_s']} faces/s, "
           f"p50 {throughput['p50_ms']} ms, p95 {throughput['p95_ms']} ms; embed stage at "

@@ -180,6 +180,16 @@ def test_agent_lifecycle_with_signals(tmp_path: Path, persistent_broker: Mosquit
         agent.wait_for_log("reload rejected, keeping the running config")
         assert agent.process.poll() is None
 
+        # SIGHUP with a valid file whose models folder is empty keeps the running
+        # config too, because the running pipeline would stop before the new one loads.
+        empty_models = tmp_path / "no-models"
+        empty_models.mkdir()
+        config.write_text(yaml.safe_dump({**settings, "models": {"dir": str(empty_models)}}))
+        agent.process.send_signal(signal.SIGHUP)
+        agent.wait_for_log("reload rejected, keeping the running config", times=2)
+        assert agent.count("manifest.json") >= 1
+        assert agent.process.poll() is None
+
         # SIGHUP with a valid file restarts the pipeline on it.
         settings["health"]["heartbeat_interval_s"] = 0.2
         config.write_text(yaml.safe_dump(settings))

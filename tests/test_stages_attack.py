@@ -4,8 +4,8 @@ Real models, real example photos, a real Mosquitto on loopback and real SQLite
 files. A folder that mixes good photos with broken and unusual files goes
 through the agent under several stage settings, and the events the broker
 delivers are checked against the same pipeline run one image at a time.
-The tests marked xfail show bugs that are still open. Each one fails while the
-bug is there, and passes (so fails the strict marker) once it is fixed.
+Bad command-line values of `bench pipeline` and an idle source with two
+detect workers are covered too.
 """
 
 from __future__ import annotations
@@ -220,9 +220,6 @@ def test_sigterm_mid_folder_exits_clean(tmp_path: Path, mqtt_broker: MosquittoBr
     assert "0 in outbox" in log
 
 
-@pytest.mark.xfail(strict=True, reason="a detect worker waiting for a frame reserves a slot "
-                   "in flight, so with two workers an idle source never drops to zero frames "
-                   "in flight and its idle time counts as a stall")
 def test_idle_source_two_workers_no_stall(pipeline: Pipeline):
     def no_frames(timeout_s: float) -> object:
         time.sleep(timeout_s)
@@ -262,9 +259,6 @@ class WatchdogPings:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="with the default two detect workers, a camera that "
-                   "sends no frames leaves two reserved slots in flight, so the agent logs a "
-                   "stall and withholds watchdog pings and systemd restarts it")
 def test_unreachable_camera_keeps_watchdog(tmp_path: Path, mqtt_broker: MosquittoBroker,
                                            model_dir: Path, gallery: Path,
                                            caplog: pytest.LogCaptureFixture):
@@ -294,8 +288,6 @@ def bench_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="load_inputs raises ValueError after the models "
-                   "load, and the CLI prints its traceback with exit status 1")
 def test_bench_empty_folder_exits_2(tmp_path: Path, model_dir: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -307,9 +299,6 @@ def test_bench_empty_folder_exits_2(tmp_path: Path, model_dir: Path):
     assert result.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="load_inputs lets the ImageError of one unreadable "
-                   "file end the whole benchmark, so a folder with one bad file cannot be "
-                   "benchmarked")
 def test_bench_inputs_skip_corrupt_image(tmp_path: Path, mixed_folder: Path):
     shutil.copy(mixed_folder / "a01_good.jpg", tmp_path)
     shutil.copy(mixed_folder / "a02_truncated.jpg", tmp_path)
@@ -319,8 +308,6 @@ def test_bench_inputs_skip_corrupt_image(tmp_path: Path, mixed_folder: Path):
     assert [name for name, _ in inputs] == ["a01_good.jpg"]
 
 
-@pytest.mark.xfail(strict=True, reason="an ImageError from load_inputs reaches the CLI, "
-                   "which prints its traceback and exits 1")
 def test_bench_only_corrupt_exits_2(tmp_path: Path, model_dir: Path, mixed_folder: Path):
     folder = tmp_path / "inputs"
     folder.mkdir()
@@ -334,8 +321,6 @@ def test_bench_only_corrupt_exits_2(tmp_path: Path, model_dir: Path, mixed_folde
     assert result.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="parse_frame_size has no upper bound, so letterbox "
-                   "allocates 30 GB for 100000x100000 and fails with cv2.error")
 def test_frame_size_huge_rejected():
     with pytest.raises(ValueError, match="frame-size"):
         parse_frame_size("100000x100000")
@@ -347,9 +332,6 @@ def test_frame_size_invalid_rejected(text: str):
         parse_frame_size(text)
 
 
-@pytest.mark.xfail(strict=True, reason="_bench_pipeline checks neither --repeat nor "
-                   "--overload-fps nor --overload-seconds, so the benchmark runs on zero "
-                   "frames or silently skips the overload run")
 @pytest.mark.parametrize("option,value", [
     ("--repeat", "0"),
     ("--repeat", "-1"),
