@@ -45,7 +45,7 @@ def tune_settings(config: Config, manifest: Manifest, profile: DeviceProfile,
         accuracy = measure_gate_accuracy(config, manifest, profile, tuning.eval_dataset)
     return TuneSettings(tolerance=tuning.tolerance, max_accuracy_drop=tuning.max_accuracy_drop,
                         seconds_per_point=tuning.seconds_per_point, exhaustive=exhaustive,
-                        accuracy=accuracy)
+                        accuracy=accuracy, detect_workers=config.service.detect_workers)
 
 
 def tuning_frames(config: Config) -> list[np.ndarray]:

@@ -38,6 +38,7 @@ from agent.detect import Face, FaceDetector
 from agent.gallery import Match
 from agent.pipeline import Pipeline, Recognition, load_detector
 from agent.sources import Frame
+from agent.tune import detector_layout
 
 log = logging.getLogger(__name__)
 
@@ -345,17 +346,21 @@ def build_stages(pipeline: Pipeline, config: Config,
                  take_frame: Callable[[float], object]) -> StagedRecognizer:
     """Load a detector per detect worker and return the stages, not yet started.
 
-    The cores are split between the detect workers: with `service.detect_workers`
-    at 0, two workers with one runtime thread each on a machine of two or more
-    cores. One worker reuses the pipeline's detector.
+    The cores are split between the detect workers as agent.tune.detector_layout
+    says, which is the layout `tune` timed the detector in. One worker, or
+    workers on TensorFlow, reuse the pipeline's detector.
     """
     service = config.service
     selection = pipeline.selection
     cores = (selection.threads if selection is not None else 0) or os.cpu_count() or 1
-    workers = service.detect_workers or min(2, cores)
-    threads = max(1, cores // workers)
+    workers, threads = detector_layout(cores, service.detect_workers)
+    detectors: list[FaceDetector]
     if workers == 1 or selection is None:
-        detectors: list[FaceDetector] = [pipeline.detector]
+        detectors = [pipeline.detector]
+    elif selection.detector.runtime == "tensorflow":
+        # TensorFlow's thread pools are per process and its sessions may be
+        # called from several threads, so the workers share the pipeline's detector.
+        detectors = [pipeline.detector] * workers
     else:
         detectors = [load_detector(config, pipeline.manifest, selection.detector, threads)
                      for _ in range(workers)]

@@ -92,6 +92,7 @@ class TuneSettings:
     max_accuracy_drop: float = 0.5
     seconds_per_point: float = 1.0
     exhaustive: bool = False
+    detect_workers: int = 0  # service.detect_workers: the detector is timed in that layout
     # Accuracy in percent per (format, precision), measured on the configured
     # eval dataset; None uses the accuracy stored in the manifest.
     accuracy: dict[tuple[str, str], float] | None = None
@@ -282,11 +283,63 @@ def choose_detector(measurements: list[Measurement], tolerance: float) -> Measur
     return fastest
 
 
+def detector_layout(threads: int, workers: int = 0) -> tuple[int, int]:
+    """Return (detect workers, runtime threads per worker) for `threads` cores.
+
+    `workers` 0 picks one worker per core, at most two, which is the layout
+    agent/stages.py runs unless `service.detect_workers` sets another.
+    """
+    workers = workers or min(2, max(1, threads))
+    return workers, max(1, threads // workers)
+
+
+def load_detectors(manifest: Manifest, choice: StageChoice, workers: int, threads: int,
+                   all_threads: int, cache_dir: Path | None) -> list[Any]:
+    """Load one MTCNN detector per worker, or one shared by all on TensorFlow.
+
+    TensorFlow sizes its thread pools once per process and its sessions may be
+    called from several threads, so its workers share one detector with every
+    thread. ONNX Runtime and TFLite get a detector per worker, because a TFLite
+    interpreter must not be shared between threads.
+    """
+    from agent.detect import MtcnnDetector
+
+    def load(count: int) -> MtcnnDetector:
+        return MtcnnDetector(*(load_variant(manifest, stage, choice, count, cache_dir)
+                               for stage in ("pnet", "rnet", "onet")))
+
+    if choice.runtime == "tensorflow":
+        return [load(all_threads)] * workers
+    return [load(threads) for _ in range(workers)]
+
+
+def time_detectors(detectors: list[Any], frames: list[np.ndarray]) -> float:
+    """Detect `frames` split over one thread per detector; return the wall ms per frame."""
+    import threading
+
+    def work(index: int) -> None:
+        for frame in frames[index::len(detectors)]:
+            detectors[index].detect(frame)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(detectors))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return (time.perf_counter() - start) * 1000.0 / len(frames)
+
+
 def sweep_detector(manifest: Manifest, profile: DeviceProfile, frames: list[np.ndarray],
                    seconds: float, cache_dir: Path | None = None,
-                   progress: Progress | None = None) -> list[Measurement]:
-    """Time a full detection on `frames` for each runtime and precision; gate on fp32's faces."""
-    from agent.detect import MtcnnDetector
+                   progress: Progress | None = None,
+                   detect_workers: int = 0) -> list[Measurement]:
+    """Time detection on `frames` for each runtime and precision; gate on fp32's faces.
+
+    The detectors run in the layout of the stages: `detect_workers` workers
+    (0: detector_layout's choice) over the frames at once, so the time per
+    frame is the wall time divided by the frames.
+    """
     from agent.runtimes import runtime_class
 
     plans = []
@@ -298,31 +351,29 @@ def sweep_detector(manifest: Manifest, profile: DeviceProfile, frames: list[np.n
 
     results = []
     reference: list[int] | None = None
+    workers, threads = detector_layout(profile.threads, detect_workers)
     for done, (runtime, accelerators, precision) in enumerate(plans, start=1):
         if progress:
             progress(done, len(plans), f"detector {runtime} {precision}")
         choice = StageChoice(runtime, precision, accelerators)
         before = resident_mb()
-        detector = MtcnnDetector(*(load_variant(manifest, stage, choice, profile.threads,
-                                                cache_dir) for stage in ("pnet", "rnet", "onet")))
-        counts = [len(detector.detect(frame)) for frame in frames]
+        detectors = load_detectors(manifest, choice, workers, threads, profile.threads,
+                                   cache_dir)
+        counts = [len(detectors[0].detect(frame)) for frame in frames]
         if reference is None:
             reference = counts  # the first plan is fp32 on the preferred runtime
         times: list[float] = []
         deadline = time.perf_counter() + seconds
         while not times or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            for frame in frames:
-                detector.detect(frame)
-            times.append((time.perf_counter() - start) * 1000.0 / len(frames))
+            times.append(time_detectors(detectors, frames))
         frame_ms = float(np.median(times))
         reason = "" if counts == reference else f"finds {counts} faces, fp32 finds {reference}"
         memory = max(resident_mb() - before, 0.0)
         results.append(Measurement("detector", runtime, precision, 1, frame_ms, frame_ms,
                                    memory, None, reason))
-        log.info("detector %s %s: %.1f ms per frame%s", runtime, precision, frame_ms,
-                 f" (rejected: {reason})" if reason else "")
-        del detector
+        log.info("detector %s %s: %.1f ms per frame with %d workers%s", runtime, precision,
+                 frame_ms, workers, f" (rejected: {reason})" if reason else "")
+        del detectors
         gc.collect()
     return results
 
@@ -418,7 +469,7 @@ def tune(manifest: Manifest, profile: DeviceProfile, settings: TuneSettings,
              "exhaustive sweep" if settings.exhaustive else "sweep up to the knee")
     embedder_points = sweep_embedder(manifest, profile, settings, cache_dir, progress)
     detector_points = sweep_detector(manifest, profile, frames, settings.seconds_per_point,
-                                     cache_dir, progress)
+                                     cache_dir, progress, settings.detect_workers)
     finalists = retime_finalists(manifest, profile, settings, embedder_points, cache_dir)
     choice = choose(finalists, settings.tolerance)
     detector = choose_detector(detector_points, settings.tolerance)

@@ -8,6 +8,8 @@
 #
 # Needs the bench and build extras: pip install -e '.[build,bench]'.
 # Usage: benchmarks/pipelines.sh [OUT]
+# LIMIT=N times only the first N inputs of each pipeline run, for a quick check
+# of the script; OVERLOAD_SECONDS sets the overload run's length (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,7 @@ device_id: bench
 models: {dir: $MODELS}
 gallery: {path: $WORK/gallery.db}
 runtime: {cache_dir: $WORK/cache}
+tuning: {eval_dataset: $PHOTOS/val}   # real faces for timing the detector and for the gate
 YAML
 
 # The agent's tuned configuration, from the same sweep as `facenet-agent tune`,
@@ -35,16 +38,16 @@ YAML
 # One process per pipeline, so no library's thread pools outlive its run. The
 # agent runs first and last, which shows how much the machine drifted.
 for which in agent diy facenet-pytorch; do
-    "$PYTHON" benchmarks/pipelines.py --which "$which" --input video \
+    "$PYTHON" benchmarks/pipelines.py --which "$which" --input video ${LIMIT:+--limit "$LIMIT"} \
         --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 done
 for which in agent diy facenet-pytorch agent; do
     "$PYTHON" benchmarks/pipelines.py --which "$which" --input photos --no-accuracy \
-        --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
+        ${LIMIT:+--limit "$LIMIT"} --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 done
 "$PYTHON" benchmarks/pipelines.py --which agent --input video --no-accuracy \
-    --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
+    ${LIMIT:+--limit "$LIMIT"} --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 
 "$PYTHON" -m agent bench pipeline --config "$WORK/agent.yaml" --input "$PHOTOS" --out "$OUT" \
-    --overload-fps 30 --overload-seconds 60
+    --overload-fps 30 --overload-seconds "${OVERLOAD_SECONDS:-60}"
 "$PYTHON" benchmarks/pipelines_report.py "$OUT"

@@ -11,6 +11,7 @@ from agent.tune import (
     TuneResult,
     choose,
     choose_detector,
+    detector_layout,
     gate_reason,
     load_result,
     save_result,
@@ -77,3 +78,15 @@ def test_cache_round_trip(tmp_path):
     assert loaded.detector == selection.detector
     assert loaded.origin == "cache"
     assert load_result(tmp_path, "other-key") is None
+
+
+@pytest.mark.parametrize(("threads", "setting", "layout"), [
+    (1, 0, (1, 1)),
+    (2, 0, (2, 1)),
+    (4, 0, (2, 2)),
+    (6, 0, (2, 3)),
+    (8, 4, (4, 2)),
+    (2, 4, (4, 1)),
+])
+def test_detector_layout_splits_cores(threads: int, setting: int, layout: tuple[int, int]):
+    assert detector_layout(threads, setting) == layout
