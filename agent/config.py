@@ -138,9 +138,10 @@ class MatchingConfig:
                           choices=("euclidean", "squared_euclidean"))
     threshold: float = _option(1.1, "a face matches when its distance is below this",
                                low=0.0, high=4.0)
-    index: str = _option("auto", "exact searches every embedding; approximate uses an HNSW "
-                                 "index (needs faiss-cpu); auto uses it from approximate_min_rows "
-                                 "embeddings on", choices=("exact", "approximate", "auto"))
+    index: str = _option("auto", "exact searches every embedding; approximate uses a faiss "
+                                 "product-quantizer index with an exact rerank (needs faiss-cpu); "
+                                 "auto uses it from approximate_min_rows embeddings on",
+                         choices=("exact", "approximate", "auto"))
     approximate_min_rows: int = _option(100_000, "embeddings from which index: auto builds the "
                                                  "approximate index", low=1)
 

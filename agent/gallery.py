@@ -8,8 +8,8 @@ matrix is kept column-major, because OpenBLAS multiplies by its C-contiguous
 transpose about 1.6 times as fast as by the row-major one
 (benchmarks/exact_match.py).
 
-Above `approximate_min_rows` rows an HNSW index (agent/gallery_index.py) can
-serve matches instead. It is built in a background thread after each change,
+Above `approximate_min_rows` rows an approximate index (agent/gallery_index.py)
+can serve matches instead. It is built in a background thread after each change,
 and exact search serves until it is ready.
 
 A gallery is either local, filled by `facenet-agent enroll`, or synced from one
@@ -130,8 +130,8 @@ class Gallery:
                  index_mode: str = "exact", approximate_min_rows: int = 100_000) -> None:
         """Open or create the gallery file; `index_mode` is exact, approximate or auto.
 
-        "approximate" builds an HNSW index whenever the gallery has rows, "auto"
-        only from `approximate_min_rows` rows on.
+        "approximate" builds an approximate index whenever the gallery has rows,
+        "auto" only from `approximate_min_rows` rows on.
         """
         if index_mode not in INDEX_MODES:
             raise ValueError(f"unknown index mode {index_mode!r}; expected one of {INDEX_MODES}")
@@ -529,8 +529,9 @@ class Gallery:
             self._request_index(state)
 
     def _request_index(self, state: _GalleryState) -> None:
-        # NOTE: every change rebuilds the whole index, and exact search serves
-        # until it is ready: minutes at 1M rows on 2 cores (docs/benchmarks.md).
+        # Every change rebuilds the whole index, and exact search serves until it
+        # is ready: 2.8 s at 1M rows on 2 free cores, up to 22 s on busy ones
+        # (docs/benchmarks.md).
         with self._lock:
             self._index_pending = state
             if self._index_building:

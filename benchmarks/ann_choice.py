@@ -17,6 +17,8 @@ values differently:
   --refine-factor candidates; ef is efSearch.
 - faiss-pqfs: a 4-bit product quantizer of --pq-subquantizers parts, scanned in
   full with SIMD; ef is the number of candidates reranked exactly.
+- agent: the index that agent/gallery_index.py builds, with its own settings;
+  ef is ignored.
 
 A faiss index can be saved and loaded again (--index-file), to repeat the
 searches without the build, which took 42 minutes for HNSW at 1M rows on the 2
@@ -247,9 +249,30 @@ def build_faiss_ivf_sq(vectors: np.ndarray, connectivity: int, ef_construction: 
     return faiss_search(index), set_ef
 
 
+def build_agent_index(vectors: np.ndarray, connectivity: int, ef_construction: int,
+                      threads: int, index_file: Path | None = None
+                      ) -> tuple[Search, Callable[[int], None]]:
+    """Build the index that the agent builds (agent/gallery_index.py); `ef` values are ignored."""
+    import faiss
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from agent.gallery_index import build_index
+
+    index = build_index(np.asfortranarray(vectors), threads=threads)
+    if index is None:
+        raise SystemExit("agent.gallery_index.build_index returned no index")
+    faiss.omp_set_num_threads(SEARCH_THREADS)
+
+    def search(queries: np.ndarray) -> np.ndarray:
+        return index.search(queries)[0]
+
+    return search, lambda ef: None
+
+
 BUILDERS = {"faiss": build_faiss, "usearch": build_usearch, "hnswlib": build_hnswlib,
             "faiss-ivf": build_faiss_ivf, "faiss-hnswsq": build_faiss_hnsw_sq,
-            "faiss-pqfs": build_faiss_pq_fast_scan, "faiss-ivfsq": build_faiss_ivf_sq}
+            "faiss-pqfs": build_faiss_pq_fast_scan, "faiss-ivfsq": build_faiss_ivf_sq,
+            "agent": build_agent_index}
 FAISS_INDEX_FILES = {"faiss", "faiss-hnswsq", "faiss-pqfs", "faiss-ivfsq"}
 # Options of the faiss variants, set from the command line in main().
 QUANTIZER = "sq8"
@@ -321,7 +344,7 @@ def main() -> None:
 
     for name in args.libraries.split(","):
         try:
-            __import__(name.split("-")[0])
+            __import__("faiss" if name == "agent" else name.split("-")[0])
         except ImportError:
             print(f"{name}: not installed, skipped")
             continue

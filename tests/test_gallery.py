@@ -141,6 +141,48 @@ def test_approximate_index_matches_exact(tmp_path: Path) -> None:
     assert [m.identity_id for m in found] == [f"id-{i}" for i in range(200)]
 
 
+def _wait_for_index(store: Gallery, version: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = store._state
+        if state.version == version and state.index is not None:
+            return
+        time.sleep(0.05)
+
+
+def test_approximate_index_after_delta(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from agent.gallery_protocol import IdentityChange
+
+    rows = _random_unit_rows(3001, 32, seed=6)
+    store = _synced_gallery(tmp_path / "gallery.db", rows[:3000], "approximate")
+    _wait_for_index(store, 1)
+    first_index = store._state.index
+    changes = [
+        IdentityChange("id-7", "", "remove", 0, 0),
+        IdentityChange("id-8", "Renamed", "update", 0, 1),
+        IdentityChange("new", "New", "add", 1, 1),
+    ]
+    probes = rows[[7, 3000, 9]]
+
+    store.apply_delta("lobby", 1, 2, changes, np.stack([rows[8], rows[3000]]))
+    # This match may run before version 2's index is ready, so exact search may serve it.
+    before_rebuild = store.match(probes, threshold=0.1, metric="euclidean")
+    _wait_for_index(store, 2)
+    after_rebuild = store.match(probes, threshold=0.1, metric="euclidean")
+
+    assert first_index is not None
+    assert store._state.index is not None
+    assert store._state.index is not first_index
+    assert store._state.index.rows == 3000
+    for matches in (before_rebuild, after_rebuild):
+        assert matches[0].identity_id is None
+        assert matches[1].identity_id == "new"
+        assert matches[2].identity_id == "id-9"
+        assert all(m.gallery_version == 2 for m in matches)
+    assert store.match(rows[8:9], 0.1, "euclidean")[0].name == "Renamed"
+
+
 def test_index_miss_falls_back_to_exact(tmp_path: Path) -> None:
     class MissingIndex:
         rows = 50
