@@ -121,6 +121,6 @@ def build_index(vectors: np.ndarray, threads: int = 0,
             return None
         index.add(np.ascontiguousarray(vectors[start:start + BUILD_SLICE_ROWS],
                                        dtype=np.float32))
-    log.info("built a product-quantizer index over %d rows in %.1f s", rows,
+    log.info("built a %s index over %d rows in %.1f s", type(index).__name__, rows,
              time.monotonic() - started)
     return ApproximateIndex(index, rows)
