@@ -49,5 +49,5 @@ done
     ${LIMIT:+--limit "$LIMIT"} --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 
 "$PYTHON" -m agent bench pipeline --config "$WORK/agent.yaml" --input "$PHOTOS" --out "$OUT" \
-    --overload-fps 30 --overload-seconds "${OVERLOAD_SECONDS:-60}"
+    --overload-fps 120 --overload-seconds "${OVERLOAD_SECONDS:-60}"
 "$PYTHON" benchmarks/pipelines_report.py "$OUT"
