@@ -8,7 +8,8 @@ Four measurements, each on the same decoded inputs:
 - embed stage: the stages fed faces whose detections are known in advance, so
   that only cropping, batching, embedding and matching run. Its faces/s is
   compared with the embedder's session run back to back on batches of the same
-  size, which is the most the stage could reach;
+  size, which is the most the stage could reach. It runs twice: with the
+  configured threads, and with the embedder on one thread;
 - overload: a paced source offering frames faster than the pipeline runs, into
   a FrameQueue that drops the oldest frame like a camera does. It samples the
   resident memory and counts dropped frames;
@@ -308,7 +309,8 @@ def format_report(report: dict[str, Any]) -> str:
     for key in ("selection", "inputs"):
         lines.append(f"- {key}: {report[key]}")
     lines.append("")
-    for section in ("throughput", "throughput_other_workers", "embed_stage", "overload"):
+    for section in ("throughput", "throughput_other_workers", "embed_stage",
+                    "embed_stage_one_thread", "overload"):
         if section in report:
             lines += [f"## {section}", "", "| key | value |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in report[section].items()]
@@ -348,6 +350,16 @@ def run_bench(config: Config, input_dir: Path, out: Path, frame_size: tuple[int,
                                                                     detect_workers=workers))
     report["throughput_other_workers"] = measure_throughput(pipeline, other, inputs, repeat)
     report["embed_stage"] = measure_embed_stage(pipeline, config, inputs)
+    # The same with the embedder on one thread, which leaves a core for the
+    # crops and the bookkeeping: on two cores this separates the stage's own
+    # overhead from the CPU time that preprocessing takes from the model.
+    one_thread = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
+                                                                         threads=1))
+    single = build_pipeline(one_thread)
+    try:
+        report["embed_stage_one_thread"] = measure_embed_stage(single, one_thread, inputs)
+    finally:
+        single.gallery.close()
     if overload_fps > 0:
         report["overload"] = measure_overload(pipeline, config, inputs, overload_fps,
                                               overload_seconds)
