@@ -9,7 +9,8 @@ Four measurements, each on the same decoded inputs:
   that only cropping, batching, embedding and matching run. Its faces/s is
   compared with the embedder's session run back to back on batches of the same
   size, which is the most the stage could reach. It runs twice: with the
-  configured threads, and with the embedder on one thread;
+  embedder's threads of the run loop (agent.pipeline.embedder_threads), and
+  with the embedder on every thread;
 - overload: a paced source offering frames faster than the pipeline runs, into
   a FrameQueue that drops the oldest frame like a camera does. It samples the
   resident memory and counts dropped frames;
@@ -36,7 +37,7 @@ import numpy as np
 from agent.config import Config
 from agent.detect import Face, MtcnnDetector
 from agent.health import RunStats
-from agent.pipeline import Pipeline, load_detector
+from agent.pipeline import Pipeline, embedder_threads, load_detector
 from agent.sources import Frame
 from agent.stages import (
     END_OF_SOURCE,
@@ -306,11 +307,11 @@ def format_report(report: dict[str, Any]) -> str:
     """Format a bench pipeline report as Markdown."""
     lines = [f"# Pipeline benchmark on {report['machine']['cpu']} "
              f"({report['machine']['cpus']} CPUs)", ""]
-    for key in ("selection", "inputs"):
+    for key in ("selection", "embedder_threads", "inputs"):
         lines.append(f"- {key}: {report[key]}")
     lines.append("")
     for section in ("throughput", "throughput_other_workers", "embed_stage",
-                    "embed_stage_one_thread", "overload"):
+                    "embed_stage_every_thread", "overload"):
         if section in report:
             lines += [f"## {section}", "", "| key | value |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in report[section].items()]
@@ -335,11 +336,13 @@ def run_bench(config: Config, input_dir: Path, out: Path, frame_size: tuple[int,
 
     # Inputs first, so that a folder without readable images fails before the models load.
     inputs = load_inputs(input_dir, frame_size)
-    pipeline = pipeline or build_pipeline(config)
+    pipeline = pipeline or build_pipeline(config, for_stages=True)
     selection = pipeline.selection
     report: dict[str, Any] = {
         "machine": machine_description(),
         "selection": dataclasses.asdict(selection) if selection is not None else None,
+        "embedder_threads": embedder_threads(config, selection) if selection is not None
+                            else None,
         "inputs": f"{len(inputs)} images from {input_dir}"
                   + (f", letterboxed to {frame_size[0]}x{frame_size[1]}" if frame_size else ""),
     }
@@ -350,16 +353,13 @@ def run_bench(config: Config, input_dir: Path, out: Path, frame_size: tuple[int,
                                                                     detect_workers=workers))
     report["throughput_other_workers"] = measure_throughput(pipeline, other, inputs, repeat)
     report["embed_stage"] = measure_embed_stage(pipeline, config, inputs)
-    # The same with the embedder on one thread, which leaves a core for the
-    # crops and the bookkeeping: on two cores this separates the stage's own
-    # overhead from the CPU time that preprocessing takes from the model.
-    one_thread = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
-                                                                         threads=1))
-    single = build_pipeline(one_thread)
+    # The same with the embedder on every thread, as enrolment and eval load it,
+    # to show what sharing the cores with the detect workers costs it.
+    every_thread = build_pipeline(config)
     try:
-        report["embed_stage_one_thread"] = measure_embed_stage(single, one_thread, inputs)
+        report["embed_stage_every_thread"] = measure_embed_stage(every_thread, config, inputs)
     finally:
-        single.gallery.close()
+        every_thread.gallery.close()
     if overload_fps > 0:
         report["overload"] = measure_overload(pipeline, config, inputs, overload_fps,
                                               overload_seconds)

@@ -76,6 +76,10 @@ class RuntimeConfig:
                                        "preference; empty means the device profile's")
     batch_size: int = _option(0, "faces per embedder batch; 0 takes the tuned choice",
                               low=0, high=1024)
+    embedder_threads: int = _option(0, "intra-op threads of the embedder while the run loop's "
+                                       "detect workers share the cores with it; 0 means half "
+                                       "the threads when two or more detect workers run, else "
+                                       "all of them", low=0, high=256)
     cache_dir: Path = _option(Path("/var/lib/facenet-agent/cache"),
                               "folder for tuning results and TensorRT engines")
 

@@ -187,7 +187,7 @@ class _Session:
 
     def start(self) -> None:
         config = self.config
-        self.pipeline = build_pipeline(config)
+        self.pipeline = build_pipeline(config, for_stages=True)
         self.gallery_version = self.pipeline.gallery.version
         self.context = EventContext(
             device_id=config.device_id,

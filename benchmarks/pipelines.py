@@ -408,7 +408,7 @@ class AgentPipeline:
         from agent.pipeline import build_pipeline
 
         self.config = load_config(config_path)
-        self.pipeline = build_pipeline(self.config)
+        self.pipeline = build_pipeline(self.config, for_stages=True)
         selection = self.pipeline.selection
         self.description = (
             f"embedder {selection.embedder.runtime} {selection.embedder.precision} batch "

@@ -18,9 +18,10 @@ import pytest
 from agent.bench_pipeline import KnownFaces, load_inputs, measure_overload, memory_source
 from agent.config import parse_config
 from agent.enroll import enroll_folder
-from agent.pipeline import Pipeline, build_pipeline
+from agent.pipeline import Pipeline, build_pipeline, embedder_threads
 from agent.sources import Frame
 from agent.stages import END_OF_SOURCE, FrameResult, StagedRecognizer, build_stages
+from agent.tune import Selection, StageChoice
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +205,18 @@ def test_overload_drops_counted_nothing_lost(pipeline: Pipeline,
 
     assert report["frames_dropped"] > 0
     assert report["frames_processed"] + report["frames_dropped"] == report["frames_offered"]
+
+
+@pytest.mark.parametrize(("threads", "raw", "expected"), [
+    (2, {}, 1),                                   # two workers beside it: half the cores
+    (4, {}, 2),
+    (1, {}, 1),                                   # one worker: every thread
+    (4, {"service": {"detect_workers": 1}}, 4),
+    (2, {"runtime": {"embedder_threads": 2}}, 2),  # set by the operator
+])
+def test_embedder_threads_beside_detect_workers(threads: int, raw: dict, expected: int):
+    config = parse_config({"device_id": "stages", **raw})
+    choice = StageChoice("tflite", "int8", (), 16)
+    selection = Selection(choice, StageChoice("onnxruntime", "fp32"), threads, "config")
+
+    assert embedder_threads(config, selection) == expected
