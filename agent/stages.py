@@ -214,8 +214,9 @@ class StagedRecognizer:
         """Wait for room in flight, take the next frame and number it; None after close()."""
         while True:
             with self._lock:
-                # Workers waiting on the source count against the bound, so it holds
-                # once their frames arrive; they do not count as frames in flight.
+                # Workers waiting on the source count against the bound, so their
+                # frames cannot exceed it when they arrive. They are not frames in
+                # flight until then.
                 self._lock.wait_for(lambda: self._closed or self._source_ended
                                     or self._in_flight + self._taking < self.max_in_flight)
                 if self._closed or self._source_ended:
@@ -346,8 +347,8 @@ def build_stages(pipeline: Pipeline, config: Config,
                  take_frame: Callable[[float], object]) -> StagedRecognizer:
     """Load a detector per detect worker and return the stages, not yet started.
 
-    The cores are split between the detect workers as agent.tune.detector_layout
-    says, which is the layout `tune` timed the detector in. One worker, or
+    agent.tune.detector_layout splits the cores between the detect workers, in
+    the layout that `tune` timed the detector in. One worker, or
     workers on TensorFlow, reuse the pipeline's detector.
     """
     service = config.service
