@@ -37,12 +37,12 @@ YAML
 
 # One process per pipeline, so no library's thread pools outlive its run. The
 # agent runs first and last, which shows how much the machine drifted.
-for which in agent diy facenet-pytorch; do
-    "$PYTHON" benchmarks/pipelines.py --which "$which" --input video ${LIMIT:+--limit "$LIMIT"} \
+for pipeline in agent diy facenet-pytorch; do
+    "$PYTHON" benchmarks/pipelines.py --which "$pipeline" --input video ${LIMIT:+--limit "$LIMIT"} \
         --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 done
-for which in agent diy facenet-pytorch agent; do
-    "$PYTHON" benchmarks/pipelines.py --which "$which" --input photos --no-accuracy \
+for pipeline in agent diy facenet-pytorch agent; do
+    "$PYTHON" benchmarks/pipelines.py --which "$pipeline" --input photos --no-accuracy \
         ${LIMIT:+--limit "$LIMIT"} --agent-config "$WORK/agent.yaml" --json "$OUT/runs.jsonl"
 done
 "$PYTHON" benchmarks/pipelines.py --which agent --input video --no-accuracy \

@@ -101,14 +101,14 @@ def test_stages_batch_faces_across_frames(pipeline: Pipeline,
 
 def test_stages_take_no_more_than_in_flight_bound(pipeline: Pipeline,
                                                   val_inputs: list[tuple[str, np.ndarray]]):
-    taken = 0
+    frames_taken = 0
     source = memory_source(val_inputs)
 
     def take(timeout_s: float) -> object:
-        nonlocal taken
+        nonlocal frames_taken
         item = source(timeout_s)
         if isinstance(item, Frame):
-            taken += 1
+            frames_taken += 1
         return item
 
     stages = StagedRecognizer(pipeline, [pipeline.detector], take, max_batch_wait_s=0.0,
@@ -120,16 +120,16 @@ def test_stages_take_no_more_than_in_flight_bound(pipeline: Pipeline,
         while stages.in_flight < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)
-        assert taken == 3
+        assert frames_taken == 3
         assert stages.in_flight == 3
 
         first = stages.next_result(60.0)
         assert first is not None and first.frame is not None
         assert first.frame.source == val_inputs[0][0]
         deadline = time.monotonic() + 30
-        while taken < 4 and time.monotonic() < deadline:
+        while frames_taken < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert taken == 4
+        assert frames_taken == 4
     finally:
         assert stages.close() == 3
 
